@@ -1,0 +1,168 @@
+"""`harness` command line: one table of subcommands, each a thin wrapper.
+
+Exit codes: 0 done, 1 a stage failed (message names it and its log), 2 bad input
+(nothing written, nothing launched), 75 a stage was preempted (rerun resumes),
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.exit_codes import PREEMPTED
+from harness.layout import RunDir
+from harness.plan import PlanError
+
+
+def cmd_plan(args) -> int:
+    """Validate, resolve, write each stage's DeepSpeed config and launcher command; launch nothing."""
+    from harness.orchestrator import prepare, write_setup
+
+    setup = prepare(args.plan, _out(args), force=args.force)
+    commands = write_setup(setup)
+    _print_stages(setup)
+    for stage, argv in zip(setup.stages, commands):
+        print(f"\n# stage {stage.index:02d} {stage.name}\n{' '.join(argv)}")
+    print(f"\nwrote {setup.run.phases}/*/ds_config.json and command.txt (ports are chosen free at launch)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Run every unfinished stage; a rerun skips done stages and resumes an interrupted one."""
+    from harness.orchestrator import prepare, run_stages
+
+    setup = prepare(args.plan, _out(args), force=args.force)
+    run_stages(setup)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The embedded default: a pretrain (ZeRO-2) and a fine-tune (ZeRO-3) stage on 2 CPU ranks."""
+    from harness.demo import write_demo_workspace
+    from harness.orchestrator import prepare, run_stages
+
+    out = Path(args.out)
+    setup = prepare(write_demo_workspace(out), out)
+    run_stages(setup)
+    final = setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model
+    print(
+        f"\nThe final model is a Hugging Face folder: {final}\n"
+        "Load it with:\n"
+        "  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"  model = AutoModelForCausalLM.from_pretrained('{final}')\n"
+        f"  tokenizer = AutoTokenizer.from_pretrained('{final}')\n"
+        f"Progress: harness status {out}    Curves: harness report {out}"
+    )
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Where each stage of a run stands."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.orchestrator import stage_statuses
+
+    run = RunDir(Path(args.out))
+    if not run.phases.is_dir():
+        raise PlanError([("out", args.out, "a run folder made by `harness plan` or `harness run`")])
+    table = Table(title=str(run.root))
+    for column in ("#", "stage", "state", "steps", "loss", "checkpoint", "load mode"):
+        table.add_column(column)
+    for s in stage_statuses(run):
+        table.add_row(f"{s.index:02d}", s.name, s.state, s.steps, "-" if s.loss is None else f"{s.loss:.4f}", s.checkpoint or "-", s.load_mode or "-")
+    Console().print(table)
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Loss curves across all stages (PNG) and a table of eval metrics per stage."""
+    from harness.report import load_run, print_table, report_table, write_report
+
+    png = write_report(args.out, args.png)
+    print_table(report_table(load_run(args.out)), f"run {args.out}")
+    print(f"wrote {png} and {Path(png).with_name('report.json') if args.png is None else ''}".rstrip())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Overlay the loss curves of several runs and tabulate their final metrics."""
+    import json
+
+    from harness.report import compare_runs, print_table
+
+    png = compare_runs(args.outs, args.png)
+    print_table(json.loads(Path(png).with_name("compare.json").read_text()), "compare")
+    print(f"wrote {png}")
+    return 0
+
+
+def _out(args) -> str:
+    return args.out
+
+
+def _print_stages(setup) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
+    for column in ("#", "stage", "kind", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)"):
+        table.add_column(column)
+    for st in setup.stages:
+        s = st.settings
+        table.add_row(f"{st.index:02d}", st.name, st.kind, str(st.world_size), str(s.zero_stage), st.precision, st.optimizer_type,
+                      str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}")
+    Console().print(table)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "plan": cmd_plan,
+    "run": cmd_run,
+    "status": cmd_status,
+    "report": cmd_report,
+    "compare": cmd_compare,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Train language models in phases with DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, plan and run (default: runs/demo)")
+    for name in ("plan", "run"):
+        p = sub.add_parser(name, help=COMMANDS[name].__doc__)
+        p.add_argument("plan", help="plan YAML file")
+        p.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
+        p.add_argument("--force", action="store_true", help="continue a run folder whose plan changed (finished stages are kept)")
+    status = sub.add_parser("status", help=cmd_status.__doc__)
+    status.add_argument("out", help="run folder")
+    report = sub.add_parser("report", help=cmd_report.__doc__)
+    report.add_argument("out", help="run folder")
+    report.add_argument("--png", default=None, help="where to write the plot (default: <out>/report.png)")
+    compare = sub.add_parser("compare", help=cmd_compare.__doc__)
+    compare.add_argument("outs", nargs="+", help="two or more run folders")
+    compare.add_argument("--png", default="compare.png", help="where to write the plot (default: ./compare.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.orchestrator import StageFailed
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PlanError as error:
+        print(f"harness {args.command}: {error.message()}", file=sys.stderr)
+        return 2
+    except StageFailed as error:
+        print(f"harness {args.command}: {error}", file=sys.stderr)
+        return PREEMPTED if error.exit_code == PREEMPTED else 1
+    except KeyboardInterrupt:
+        print(f"\nharness {args.command}: interrupted; every rank was stopped. Rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Stage -> DeepSpeed config. `get_train_ds_config` is pure: typed stage in, plain dict out.
+
+`check_ds_config` adds the checks DeepSpeed itself skips (the batch rule for the
+target world size, unknown top-level keys, "auto" values); `validate_with_deepspeed`
+then runs DeepSpeed's own config class in a child process, so the orchestrator
+never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from harness.plan import deep_merge
+from harness.stages import Stage
+
+# DeepSpeed's own optimizers; anything else is a torch.optim name, which under
+# ZeRO needs "zero_allow_untested_optimizer" (DeepSpeed 0.19.8).
+DEEPSPEED_OPTIMIZERS = {"Adam", "AdamW", "Adagrad", "Lamb", "Lion"}
+# Never print DeepSpeed's per-step lines; the worker logs progress itself.
+QUIET_STEPS = 1_000_000
+
+
+def get_train_ds_config(stage: Stage) -> dict[str, Any]:
+    """The DeepSpeed config of one stage, for its own world size. Nothing left as "auto"."""
+    s = stage.settings
+    config: dict[str, Any] = {
+        "train_batch_size": stage.global_batch,
+        "train_micro_batch_size_per_gpu": s.micro_batch,
+        "gradient_accumulation_steps": stage.grad_accum,
+        # Set explicitly: DeepSpeed 0.19.8 clips at 1.0 when the key is missing.
+        "gradient_clipping": s.grad_clip,
+        "steps_per_print": QUIET_STEPS,
+        "bf16": {"enabled": stage.precision == "bf16"},
+        "fp16": {"enabled": stage.precision == "fp16"},
+        "zero_optimization": _zero_block(stage),
+        "optimizer": _optimizer_block(stage),
+    }
+    if s.optimizer.type not in DEEPSPEED_OPTIMIZERS and s.zero_stage >= 1:
+        config["zero_allow_untested_optimizer"] = True
+    scheduler = _scheduler_block(stage)
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    return deep_merge(config, s.deepspeed)
+
+
+def _zero_block(stage: Stage) -> dict[str, Any]:
+    s = stage.settings
+    block: dict[str, Any] = {"stage": s.zero_stage}
+    if s.offload.optimizer:
+        block["offload_optimizer"] = {"device": "cpu", "pin_memory": stage.accelerator == "cuda"}
+    if s.offload.params:
+        block["offload_param"] = {"device": "cpu", "pin_memory": stage.accelerator == "cuda"}
+    if s.zero_stage == 3:
+        # Gather 16-bit weights on save, so a plain state dict exists for the handoff.
+        block["stage3_gather_16bit_weights_on_model_save"] = True
+    return block
+
+
+def _optimizer_block(stage: Stage) -> dict[str, Any]:
+    s = stage.settings
+    params = s.optimizer.params()
+    if s.regularization.l2_mode == "weight_decay" and s.regularization.l2 > 0:
+        params["weight_decay"] = s.regularization.l2
+    if s.optimizer.type in ("Adam", "AdamW"):
+        # DeepSpeed's Adam is AdamW unless told otherwise (adam_w_mode defaults to True).
+        params["adam_w_mode"] = s.optimizer.type == "AdamW"
+        if stage.accelerator == "cpu" and not s.offload.optimizer:
+            # FusedAdam would JIT-build a CUDA-style op (~60 s on CPU); torch's Adam is exact.
+            params["torch_adam"] = True
+    if "betas" in params:
+        params["betas"] = list(params["betas"])
+    return {"type": s.optimizer.type, "params": params}
+
+
+def _scheduler_block(stage: Stage) -> dict[str, Any] | None:
+    spec = stage.settings.scheduler
+    lr = stage.settings.optimizer.lr
+    warmup = max(1, round(spec.warmup_ratio * stage.steps))
+    min_lr = lr * spec.min_lr_ratio
+    if spec.type == "none":
+        return None
+    if spec.type == "WarmupLR":
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+    elif spec.type == "WarmupDecayLR":
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear", "total_num_steps": stage.steps}
+    elif spec.type == "WarmupCosineLR":
+        params = {"total_num_steps": stage.steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0, "cos_min_ratio": spec.min_lr_ratio, "warmup_type": "linear"}
+    else:  # OneCycle: up for half the stage, down for the other half.
+        half = max(1, stage.steps // 2)
+        params = {"cycle_min_lr": min_lr, "cycle_max_lr": lr, "cycle_first_step_size": half, "cycle_second_step_size": max(1, stage.steps - half), "cycle_momentum": False, "decay_lr_rate": 0.0}
+    return {"type": spec.type, "params": params}
+
+
+def check_ds_config(config: dict[str, Any], world_size: int) -> list[str]:
+    """Problems DeepSpeed would not catch: the batch rule for this world size and "auto" values."""
+    problems = []
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accum = config.get("gradient_accumulation_steps")
+    train = config.get("train_batch_size")
+    if not all(isinstance(v, int) for v in (micro, accum, train)) or train != micro * accum * world_size:
+        problems.append(
+            f"train_batch_size ({train}) must equal train_micro_batch_size_per_gpu ({micro}) x "
+            f"gradient_accumulation_steps ({accum}) x world size ({world_size})"
+        )
+    problems += [f"{path} is 'auto'; every value must be explicit" for path in _auto_paths(config, "")]
+    return problems
+
+
+def _auto_paths(value: Any, path: str) -> list[str]:
+    if value == "auto":
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _auto_paths(v, f"{path}.{k}" if path else k)]
+    return []
+
+
+def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[str]:
+    """Run DeepSpeed's own config class on each config in a child process (it imports torch).
+    Returns one message per problem, prefixed with the config's index."""
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.ds_check"],
+        input=json.dumps(configs),
+        capture_output=True,
+        text=True,
+        env=_quiet_env(),
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the DeepSpeed config check crashed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _quiet_env() -> dict[str, str]:
+    import os
+
+    # Validation only: the CPU accelerator avoids CUDA initialisation in the child.
+    return {**os.environ, "DS_ACCELERATOR": "cpu"}

@@ -1,0 +1,102 @@
+"""Where a run keeps its files. Every part of the harness finds paths here.
+
+    <out>/
+      plan.yaml                 the plan as submitted (copied on first run)
+      plan.sha256               its digest: a changed plan is refused without --force
+      phases/<NN>-<stage>/      one folder per stage (a multistep phase has several)
+        stage.json              the resolved stage the worker reads
+        ds_config.json          the DeepSpeed config generated for it
+        command.txt             the exact launcher command
+        launcher.log            everything the launcher printed
+        checkpoints/            DeepSpeed checkpoints (tags "step<N>"), for resuming this stage
+        model/                  consolidated Hugging Face model: the handoff to the next stage
+        metrics.jsonl           one JSON line per logged step (rank 0)
+        manifest.json           written last, atomically: the stage is done when it is valid
+        ranks/                  one file per rank: host and pid, for cleanup and checks
+      slurm/                    rendered sbatch scripts and job ids (harness submit)
+      cache/                    tokenized data cache
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """Paths of one stage's folder."""
+
+    root: Path
+
+    @property
+    def stage_json(self) -> Path:
+        return self.root / "stage.json"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / "ds_config.json"
+
+    @property
+    def command(self) -> Path:
+        return self.root / "command.txt"
+
+    @property
+    def launcher_log(self) -> Path:
+        return self.root / "launcher.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def ranks(self) -> Path:
+        return self.root / "ranks"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run's output folder."""
+
+    root: Path
+
+    @property
+    def plan_copy(self) -> Path:
+        return self.root / "plan.yaml"
+
+    @property
+    def plan_digest(self) -> Path:
+        return self.root / "plan.sha256"
+
+    @property
+    def phases(self) -> Path:
+        return self.root / "phases"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def stage(self, index: int, name: str) -> StageDir:
+        """The folder of stage number `index` (0-based) named `name`."""
+        return StageDir(self.phases / f"{index:02d}-{name}")
+
+    def stage_dirs(self) -> list[StageDir]:
+        """Existing stage folders, in run order."""
+        if not self.phases.is_dir():
+            return []
+        return [StageDir(p) for p in sorted(self.phases.iterdir()) if p.is_dir()]

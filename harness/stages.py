@@ -1,0 +1,191 @@
+"""Plan -> ordered list of stages. A stage is one relaunch of the DeepSpeed engine.
+
+A pretrain or finetune phase is one stage; a multistep phase expands into
+cycles x stages, named `<phase>.c<k>.s<j>-<name>`. Every stage is fully
+resolved here (world size, batch split, precision, steps), so the config
+builder and the worker never guess. Pure: no I/O besides the row counter the
+caller passes in, no torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+from pydantic import ValidationError
+
+from harness.plan import (
+    CPU_UNSUPPORTED_OPTIMIZERS,
+    ClusterSpec,
+    DataSpec,
+    MixSpec,
+    ModelSpec,
+    MultistepData,
+    PhaseSpec,
+    Plan,
+    PlanError,
+    StageSettings,
+    Strict,
+    TrainSettings,
+    WandbSpec,
+    deep_merge,
+)
+
+
+class StageData(Strict):
+    """What a stage trains on: one or both data sets and how batches pick between them."""
+
+    pretrain: DataSpec | None = None
+    finetune: DataSpec | None = None
+    source: Literal["pretrain", "finetune", "mix"]
+    mix: Literal["alternate"] | MixSpec = "alternate"
+
+    def source_at(self, step: int) -> str:
+        """Data set of optimizer step `step` (1-based): the same on every rank."""
+        if self.source != "mix":
+            return self.source
+        if self.mix == "alternate":
+            return "pretrain" if step % 2 == 1 else "finetune"
+        # Exact ratio without randomness: step s is pretrain when floor(s*p) grows.
+        p = self.mix.pretrain
+        return "pretrain" if math.floor(step * p) > math.floor((step - 1) * p) else "finetune"
+
+
+class Stage(Strict):
+    """One fully resolved relaunch: everything the config builder and the worker need."""
+
+    index: int
+    name: str
+    phase: str
+    kind: Literal["pretrain", "finetune", "multistep"]
+    run_name: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    wandb: WandbSpec
+    accelerator: Literal["cpu", "cuda"]
+    nodes: int
+    procs_per_node: int
+    steps: int
+    grad_accum: int
+    global_batch: int
+    precision: Literal["fp32", "bf16", "fp16"]
+    settings: TrainSettings
+    data: StageData
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def optimizer_type(self) -> str:
+        return self.settings.optimizer.type
+
+
+RowCounter = Callable[[DataSpec], int]
+
+
+def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter) -> list[Stage]:
+    """Every stage of the plan, in order. Raises PlanError naming the field on a rule
+    that needs the resolved numbers (batch split, device support)."""
+    stages: list[Stage] = []
+    problems: list[tuple[str, Any, str]] = []
+    for i, phase in enumerate(plan.phases):
+        for name, settings, data, where in _phase_parts(phase):
+            try:
+                stages.append(_resolve(plan, phase, len(stages), name, settings, data, accelerator, count_train_rows))
+            except _StageProblem as problem:
+                problems.append((f"phases[{i}]{where}.{problem.field}", problem.value, problem.allowed))
+    if problems:
+        raise PlanError(problems)
+    return stages
+
+
+def _phase_parts(phase: PhaseSpec):
+    """(stage name, settings, data, location in the plan) for each stage of a phase."""
+    base = TrainSettings.model_validate(phase.model_dump(include=set(TrainSettings.model_fields)))
+    if not isinstance(phase.data, MultistepData):
+        source = "pretrain" if phase.kind == "pretrain" else "finetune"
+        yield phase.name, base, StageData(source=source, **{source: phase.data}), ""
+        return
+    for cycle in range(1, phase.cycles + 1):
+        for j, override in enumerate(phase.stages, start=1):
+            try:
+                stage = StageSettings.model_validate(deep_merge(base.model_dump(), override))
+            except ValidationError:  # reported with its field path by plan._check_stages
+                continue
+            suffix = stage.name or stage.optimizer.type.lower()
+            data = StageData(pretrain=phase.data.pretrain, finetune=phase.data.finetune, source=stage.data, mix=phase.data.mix)
+            settings = TrainSettings.model_validate(stage.model_dump(include=set(TrainSettings.model_fields)))
+            yield f"{phase.name}.c{cycle}.s{j}-{suffix}", settings, data, f".stages[{j - 1}]"
+
+
+class _StageProblem(Exception):
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+
+
+def _resolve(
+    plan: Plan,
+    phase: PhaseSpec,
+    index: int,
+    name: str,
+    settings: TrainSettings,
+    data: StageData,
+    accelerator: Literal["cpu", "cuda"],
+    count_train_rows: RowCounter,
+) -> Stage:
+    nodes = settings.nodes or plan.cluster.nodes
+    procs = settings.procs_per_node or plan.cluster.procs_per_node
+    world = nodes * procs
+    per_step = settings.micro_batch * world
+    global_batch = settings.global_batch or per_step
+    if global_batch % per_step:
+        raise _StageProblem(
+            "global_batch",
+            global_batch,
+            f"a multiple of micro_batch x world size = {settings.micro_batch} x {world} = {per_step}",
+        )
+    precision = settings.precision
+    if precision == "auto":
+        precision = "bf16" if accelerator == "cuda" else "fp32"
+    if accelerator == "cpu" and precision == "fp16":
+        raise _StageProblem("precision", "fp16", "fp32 or bf16 on CPU (fp16 fails on CPU in DeepSpeed 0.19.8)")
+    if accelerator == "cpu" and settings.optimizer.type in CPU_UNSUPPORTED_OPTIMIZERS and not settings.offload.optimizer:
+        raise _StageProblem("optimizer.type", settings.optimizer.type, "on CPU: Adam, AdamW, Adagrad, SGD, RMSprop (Lamb/Lion fail on CPU in DeepSpeed 0.19.8)")
+    if plan.cluster.launcher == "pdsh" and nodes > 1 and not (plan.cluster.hostfile or plan.cluster.hosts):
+        raise _StageProblem("nodes", nodes, "pdsh with several nodes needs cluster.hostfile or cluster.hosts")
+    return Stage(
+        index=index,
+        name=name,
+        phase=phase.name,
+        kind=phase.kind,
+        run_name=plan.name,
+        model=plan.model,
+        cluster=plan.cluster,
+        wandb=plan.wandb,
+        accelerator=accelerator,
+        nodes=nodes,
+        procs_per_node=procs,
+        steps=_steps(settings, global_batch, data, count_train_rows),
+        grad_accum=global_batch // per_step,
+        global_batch=global_batch,
+        precision=precision,
+        settings=settings,
+        data=data,
+    )
+
+
+def _steps(settings: TrainSettings, global_batch: int, data: StageData, count_train_rows: RowCounter) -> int:
+    if settings.steps is not None:
+        return settings.steps
+    if settings.tokens is not None:
+        return math.ceil(settings.tokens / (global_batch * settings.seq_len))
+    if settings.epochs is not None and data.finetune is not None:
+        if data.finetune.hub is not None:
+            raise _StageProblem("epochs", settings.epochs, "steps or tokens for hub data (rows are counted from local files)")
+        return max(1, math.ceil(settings.epochs * count_train_rows(data.finetune) / global_batch))
+    raise _StageProblem("steps", None, "one of steps, epochs, tokens")
+
+
+def eval_size(n_rows: int, spec: DataSpec) -> int:
+    """How many of n_rows samples are held out for evaluation (the worker uses the same rule)."""
+    return min(spec.eval_max_samples, max(1, int(n_rows * spec.eval_fraction)))

@@ -1,0 +1,198 @@
+"""Checkpoints within a stage and the handoff between stages.
+
+Start of a stage, one of:
+- resume:       this stage's own latest DeepSpeed checkpoint (interrupted earlier);
+- full_state:   the previous stage's DeepSpeed checkpoint, optimizer moments included,
+                when optimizer type, ZeRO family, world size, precision and offload match;
+- weights_only: the previous stage's consolidated Hugging Face model;
+- init:         the plan's model (first stage).
+Native checkpoints do not load across ZeRO-1/2 <-> ZeRO-3 or another world size
+(DeepSpeed 0.19.8), hence the rule. Whatever the mode, the weights the stage starts
+from are digested and compared with the digest the previous stage saved.
+
+End of a stage, in this order (see DESIGN.md): DeepSpeed checkpoint, Hugging Face
+model from full fp32 weights, manifest.json written last and atomically.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from harness.layout import StageDir
+from harness.manifest import FORMAT_VERSION, checksums, read_manifest, write_atomic, write_manifest
+from harness.stages import Stage
+from harness.worker.model import save_hf_model
+from harness.worker.strategy import DeepSpeedStrategy, weights_digest
+
+
+def zero_family(stage: int) -> str:
+    """Stages whose native checkpoints load into each other."""
+    return {0: "zero-0", 1: "zero-1/2", 2: "zero-1/2", 3: "zero-3"}[stage]
+
+
+@dataclass
+class StartPoint:
+    """Where a stage's weights (and maybe optimizer state) come from."""
+
+    mode: str
+    reason: str
+    weights_dir: Path | None = None
+    """Hugging Face folder to build the model from (None: the plan's model)."""
+    checkpoint: tuple[Path, str] | None = None
+    """(folder, tag) of a DeepSpeed checkpoint to load after initialize."""
+    previous: dict[str, Any] | None = None
+    """The previous stage's manifest."""
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": self.mode, "reason": self.reason, "from": str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan")}
+
+
+@dataclass
+class Progress:
+    """How far a stage got; saved in every checkpoint and in the manifest."""
+
+    global_step_start: int = 0
+    stage_step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    data_position: dict[str, int] = field(default_factory=dict)
+    """Samples consumed per data stream (dataset_key), carried from stage to stage."""
+
+    @property
+    def global_step(self) -> int:
+        return self.global_step_start + self.stage_step
+
+
+def handoff_start(stage: Stage, previous: StageDir | None) -> StartPoint:
+    """How this stage takes over from the previous one (pure apart from reading its manifest)."""
+    if previous is None:
+        return StartPoint("init", "first stage: weights from the plan's model")
+    manifest = read_manifest(previous.manifest)
+    blocker = _full_state_blocker(stage, manifest)
+    if blocker is None:
+        return StartPoint("full_state", f"same optimizer ({stage.optimizer_type}), ZeRO family, world size, precision and offload: optimizer moments carried, fresh scheduler",
+                          previous.model, (previous.checkpoints, manifest["checkpoint_tag"]), manifest)
+    return StartPoint("weights_only", blocker, previous.model, None, manifest)
+
+
+def _full_state_blocker(stage: Stage, manifest: dict[str, Any]) -> str | None:
+    s = stage.settings
+    wanted = {
+        "optimizer": (manifest["optimizer"], stage.optimizer_type),
+        "ZeRO family": (zero_family(manifest["zero_stage"]), zero_family(s.zero_stage)),
+        "world size": (manifest["world_size"], stage.world_size),
+        "precision": (manifest["dtype"], stage.precision),
+        "offload": (manifest.get("offload"), s.offload.model_dump()),
+    }
+    for what, (before, now) in wanted.items():
+        if before != now:
+            return f"{what} changed ({before} -> {now}): weights only, fresh optimizer state"
+    return None
+
+
+class Checkpointer:
+    """Saves and loads this stage's checkpoints and writes its handoff."""
+
+    def __init__(self, stage: Stage, stage_dir: StageDir, strategy: DeepSpeedStrategy):
+        self.stage = stage
+        self.dir = stage_dir
+        self.strategy = strategy
+
+    def latest_tag(self) -> str | None:
+        latest = self.dir.checkpoints / "latest"
+        return latest.read_text().strip() if latest.exists() else None
+
+    def restore(self, start: StartPoint) -> Progress:
+        """After initialize: load what the start point names, check the weights, return progress.
+        Writes started.json (rank 0) the first time, so a resume keeps the original handoff record."""
+        tag = self.latest_tag()
+        if tag is not None:
+            state = self.strategy.load_checkpoint(self.dir.checkpoints, tag, with_scheduler=True)
+            return Progress(**state["progress"])
+        if start.checkpoint is not None:
+            self.strategy.load_checkpoint(*start.checkpoint, with_scheduler=False)
+        progress = Progress()
+        if start.previous is not None:
+            progress.global_step_start = start.previous["global_step_end"]
+            progress.data_position = dict(start.previous["data_position"])
+        weights = weights_digest(self.strategy.full_fp32_weights())
+        moments = self.strategy.optimizer_state_digest()
+        if start.previous is not None and weights != self._expected_start_digest(start):
+            raise RuntimeError(
+                f"stage {self.stage.name}: weights after the {start.mode} load do not match what "
+                f"{start.record()['from']} saved (digest {weights[:12]} != {start.previous['weights_digest'][:12]})"
+            )
+        if self.strategy.is_rank0:
+            started = {"load": start.record(), "start_weights_digest": weights, "start_optimizer_state_digest": moments, "time": time.time()}
+            write_atomic(self.dir.root / "started.json", json.dumps(started, indent=2) + "\n")
+        self.strategy.barrier()
+        return progress
+
+    def _expected_start_digest(self, start: StartPoint) -> str:
+        """The saved digest; for a weights-only load at lower precision, the saved weights as
+        rounded to that precision (the engine's fp32 master copy is made from rounded weights)."""
+        if start.mode == "full_state" or self.stage.precision == "fp32":
+            return start.previous["weights_digest"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.stage.precision]
+        saved = load_file(str(start.weights_dir / "model.safetensors"))
+        return weights_digest({k: v.to(dtype).float() for k, v in saved.items()})
+
+    def save(self, progress: Progress) -> str:
+        tag = f"step{progress.stage_step}"
+        self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": asdict(progress)})
+        return tag
+
+    def save_handoff(self, progress: Progress, eval_metrics: dict[str, float], model, tokenizer, extra: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint, then the Hugging Face model, then manifest.json. Collective."""
+        tag = self.save(progress) if self.latest_tag() != f"step{progress.stage_step}" else f"step{progress.stage_step}"
+        weights = self.strategy.full_fp32_weights()
+        moments = self.strategy.optimizer_state_digest()
+        self.strategy.barrier()
+        if self.strategy.is_rank0:
+            save_hf_model(self.dir.model, model, tokenizer, weights)
+            started = json.loads((self.dir.root / "started.json").read_text())
+            s = self.stage.settings
+            manifest = {
+                "format": FORMAT_VERSION,
+                "stage": self.stage.name,
+                "index": self.stage.index,
+                "phase": self.stage.phase,
+                "kind": self.stage.kind,
+                "zero_stage": s.zero_stage,
+                "world_size": self.stage.world_size,
+                "dtype": self.stage.precision,
+                "offload": s.offload.model_dump(),
+                "optimizer": self.stage.optimizer_type,
+                "global_step_start": progress.global_step_start,
+                "global_step_end": progress.global_step,
+                "stage_steps": progress.stage_step,
+                "tokens_seen": progress.tokens_seen,
+                "samples_seen": progress.samples_seen,
+                "data_position": progress.data_position,
+                "eval": eval_metrics,
+                "load": started["load"],
+                "start_weights_digest": started["start_weights_digest"],
+                "start_optimizer_state_digest": started["start_optimizer_state_digest"],
+                "weights_digest": weights_digest(weights),
+                "optimizer_state_digest": moments,
+                "checkpoint_tag": tag,
+                "files": checksums(self.dir.model),
+                "finished": time.time(),
+                **extra,
+            }
+            write_manifest(self.dir.manifest, manifest)
+        self.strategy.barrier()
+
+
+def write_rank_file(stage_dir: StageDir, rank: int, pid: int) -> None:
+    """ranks/rank<N>.json: where each rank ran (host, pid), for cleanup and for checks."""
+    stage_dir.ranks.mkdir(parents=True, exist_ok=True)
+    info = {"rank": rank, "host": socket.gethostname(), "pid": pid, "time": time.time()}
+    write_atomic(stage_dir.ranks / f"rank{rank}.json", json.dumps(info) + "\n")

@@ -1,0 +1,145 @@
+"""One stage on one rank: set up, train, hand off. The loop reads top to bottom:
+step, log, eval, checkpoint, stop-if-asked.
+
+SIGUSR1 (SLURM preemption or time limit) makes every rank finish the current
+step, save a checkpoint and exit with PREEMPTED; a rerun resumes there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from harness.layout import RunDir, StageDir
+from harness.exit_codes import PREEMPTED
+from harness.stages import Stage
+from harness.worker.data import SampleStream, TokenizedSet, load_finetune, load_pretrain, micro_batch_position
+from harness.worker.evaluate import eval_metrics
+from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_rank_file
+from harness.worker.metrics import MetricsLog, NullMetrics
+from harness.worker.model import build_model, build_tokenizer
+from harness.worker.strategy import DeepSpeedStrategy
+
+
+class StopRequest:
+    """Set by SIGUSR1; the loop checks it once per step, on all ranks together."""
+
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGUSR1, self._ask)
+
+    def _ask(self, signum, frame):
+        self.asked = True
+
+
+def run_stage(stage_file: Path) -> None:
+    """Everything one rank does for one stage; ends the process (0, or PREEMPTED)."""
+    spec = json.loads(stage_file.read_text())
+    stage = Stage.model_validate(spec["stage"])
+    stage_dir = StageDir(stage_file.parent)
+    previous = StageDir(Path(spec["previous"])) if spec["previous"] else None
+    run = RunDir(Path(spec["run_dir"]))
+    stop = StopRequest()
+
+    strategy = DeepSpeedStrategy(stage)
+    write_rank_file(stage_dir, strategy.rank, os.getpid())
+    if not strategy.is_rank0:
+        _send_output_to(stage_dir.ranks / f"rank{strategy.rank}.log")
+
+    start = handoff_start(stage, previous)
+    tokenizer = build_tokenizer(stage.model, start.weights_dir)
+    model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir)
+    sets = load_sets(stage, tokenizer, run.cache)
+    strategy.setup(model, json.loads(stage_dir.ds_config.read_text()))
+    checkpointer = Checkpointer(stage, stage_dir, strategy)
+    progress = checkpointer.restore(start)
+    metrics = MetricsLog(stage_dir.metrics, progress.stage_step, NullMetrics()) if strategy.is_rank0 else NullMetrics()
+    try:
+        last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop)
+    finally:
+        metrics.close()
+    if last_eval is None:
+        strategy.exit(PREEMPTED)
+    engine_optimizer = type(getattr(strategy.engine.optimizer, "optimizer", strategy.engine.optimizer)).__name__
+    checkpointer.save_handoff(progress, last_eval, model, tokenizer, {"engine_optimizer": engine_optimizer})
+    if strategy.is_rank0:
+        print(f"[harness] stage {stage.name} done: step {progress.global_step}, eval {last_eval}", flush=True)
+    strategy.exit(0)
+
+
+def load_sets(stage: Stage, tokenizer, cache_dir: Path) -> dict[str, TokenizedSet]:
+    s = stage.settings
+    sets = {}
+    if stage.data.pretrain is not None:
+        sets["pretrain"] = load_pretrain(stage.data.pretrain, tokenizer, s.seq_len, s.seed, cache_dir)
+    if stage.data.finetune is not None:
+        sets["finetune"] = load_finetune(stage.data.finetune, tokenizer, s.seq_len, s.seed, cache_dir)
+    return sets
+
+
+def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], progress: Progress,
+          checkpointer: Checkpointer, metrics, tokenizer, stop: StopRequest) -> dict[str, float] | None:
+    """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
+    s = stage.settings
+    streams = {kind: SampleStream(data, s.seed) for kind, data in sets.items()}
+    primary = "finetune" if stage.data.source == "finetune" else "pretrain"
+    last_eval: dict[str, float] = {}
+    bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=stage.name, disable=not strategy.is_rank0,
+               file=sys.stdout, dynamic_ncols=False, ncols=110, mininterval=1.0)
+    while progress.stage_step < stage.steps:
+        step = progress.stage_step + 1
+        source = stage.data.source_at(step)
+        data = sets[source]
+        started = time.perf_counter()
+        first = progress.data_position.get(data.key, 0)
+        loss_sum, tokens = 0.0, 0
+        for accum_index in range(stage.grad_accum):
+            position = micro_batch_position(first, s.micro_batch, accum_index, strategy.rank, strategy.world_size)
+            batch = streams[source].batch(position, s.micro_batch)
+            loss_sum += strategy.train_micro_step(batch).item()
+            tokens += int(batch["attention_mask"].sum())
+        lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
+        strategy.optimizer_step()
+        loss_sum, tokens, stops = strategy.all_reduce_sum([loss_sum, tokens, float(stop.asked)])
+        elapsed = time.perf_counter() - started
+
+        progress.stage_step = step
+        progress.samples_seen += stage.global_batch
+        progress.tokens_seen += int(tokens)
+        progress.data_position[data.key] = first + stage.global_batch
+        row = {
+            "stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type,
+            "global_step": progress.global_step, "stage_step": step, "data": source,
+            "train/loss": loss_sum / (stage.grad_accum * strategy.world_size),
+            "train/lr": lr,
+            "train/grad_norm": strategy.grad_norm(),
+            "train/tokens_per_s": tokens / elapsed,
+            "train/samples_per_s": stage.global_batch / elapsed,
+        }
+        if step % s.eval_every == 0 or step == stage.steps:
+            last_eval = eval_metrics(strategy, sets, primary, tokenizer, s.micro_batch, s.eval_batches)
+            row.update(last_eval)
+        if step % s.log_every == 0 or step == stage.steps or "eval/loss" in row:
+            metrics.log(row)
+        bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{row['train/tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if stops > 0:
+            checkpointer.save(progress)
+            bar.close()
+            return None
+        if step % s.checkpoint_every == 0 and step < stage.steps:
+            checkpointer.save(progress)
+    bar.close()
+    return last_eval
+
+
+def _send_output_to(path: Path) -> None:
+    """Ranks other than 0 write to their own log, so the console shows rank 0 only."""
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
