@@ -37,6 +37,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_configs(args) -> int:
+    """Write the DeepSpeed configs that plans generate, one folder per plan (ds_configs/ in the repo)."""
+    import json
+
+    from harness.orchestrator import plan_configs
+
+    for plan in args.plans:
+        folder = Path(args.out) / Path(plan).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, config in plan_configs(plan).items():
+            (folder / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {folder}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The embedded default: a pretrain (ZeRO-2) and a fine-tune (ZeRO-3) stage on 2 CPU ranks."""
     from harness.demo import write_demo_workspace
@@ -121,6 +136,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "run": cmd_run,
     "status": cmd_status,
+    "configs": cmd_configs,
     "report": cmd_report,
     "compare": cmd_compare,
 }
@@ -136,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("plan", help="plan YAML file")
         p.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
         p.add_argument("--force", action="store_true", help="continue a run folder whose plan changed (finished stages are kept)")
+    configs = sub.add_parser("configs", help=cmd_configs.__doc__)
+    configs.add_argument("plans", nargs="+", help="plan YAML files")
+    configs.add_argument("--out", default="ds_configs", help="folder (default: ds_configs)")
     status = sub.add_parser("status", help=cmd_status.__doc__)
     status.add_argument("out", help="run folder")
     report = sub.add_parser("report", help=cmd_report.__doc__)

@@ -79,9 +79,8 @@ def count_train_rows(spec: DataSpec) -> int:
     return rows - eval_size(rows, spec)
 
 
-def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunSetup:
-    """Validate everything before anything is written; raises PlanError on any problem."""
-    plan_path = Path(plan_path)
+def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
+    """The plan, its stages and their DeepSpeed configs, all checked; raises PlanError on any problem."""
     plan = load_plan(plan_path)
     stages = expand_stages(plan, detect_accelerator(plan.cluster.accelerator), count_train_rows)
     configs = [get_train_ds_config(stage) for stage in stages]
@@ -93,7 +92,19 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
         problems.append((f"stage '{stages[index].name}' deepspeed", None, message[message.index("]") + 2 :]))
     if problems:
         raise PlanError(problems)
-    setup = RunSetup(plan_path.read_text(), plan, stages, configs, RunDir(Path(out).resolve()))
+    return plan, stages, configs
+
+
+def plan_configs(plan_path: str | Path) -> dict[str, dict[str, Any]]:
+    """'<NN>-<stage>' -> DeepSpeed config, for every stage of a plan."""
+    _, stages, configs = validated_stages(plan_path)
+    return {f"{stage.index:02d}-{stage.name}": config for stage, config in zip(stages, configs)}
+
+
+def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunSetup:
+    """Validate everything before anything is written; raises PlanError on any problem."""
+    plan, stages, configs = validated_stages(plan_path)
+    setup = RunSetup(Path(plan_path).read_text(), plan, stages, configs, RunDir(Path(out).resolve()))
     _check_same_plan(setup, force)
     return setup
 

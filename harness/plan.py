@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # DeepSpeed accepts these case-insensitively (its own optimizers) or as exact
 # torch.optim names; we normalise the user's spelling to the one DeepSpeed needs
@@ -320,13 +320,14 @@ class Plan(Strict):
     wandb: WandbSpec = WandbSpec()
     phases: list[PhaseSpec] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Plan:
-        names = [p.name for p in self.phases]
+    @field_validator("phases")
+    @classmethod
+    def _unique_names(cls, phases: list[PhaseSpec]) -> list[PhaseSpec]:
+        names = [p.name for p in phases]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"phase names must be unique; repeated: {duplicated}")
-        return self
+        return phases
 
 
 class PlanError(Exception):

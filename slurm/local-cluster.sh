@@ -258,9 +258,12 @@ cmd_start() {
   local t1; t1=$(date +%s.%N)
   mkdir -p "$LAB" && chmod 0755 "$LAB"    # munged checks that parent dirs are not writable by others
   echo "$n" > "$LAB/nodes"
+  # a half-started cluster is worse than none: on any failure stop what did start
+  trap 'log "start failed; stopping what was started"; cmd_stop' EXIT
   start_munge
   start_slurm "$n"
   start_sshd "$n"
+  trap - EXIT
   awk -v a="$t0" -v b="$t1" -v c="$(date +%s.%N)" -v n="$n" -v lab="$LAB" \
     'BEGIN{printf "local-cluster: %d nodes up (install %.1fs, start %.1fs), LAB=%s\n", n, b-a, c-b, lab}' >&2
   sinfo -N >&2

@@ -14,7 +14,7 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as dist
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from deepspeed.utils import safe_get_full_fp32_param
 
 from harness.stages import Stage
 
@@ -92,22 +92,24 @@ class DeepSpeedStrategy:
         return weights
 
     def optimizer_state_digest(self) -> str:
-        """Digest of every optimizer state tensor (e.g. Adam moments, SGD momentum), gathered to
-        full per-parameter tensors so it does not depend on ZeRO partitioning. 'empty' before any step."""
+        """Digest of every rank's optimizer state tensors (Adam moments, SGD momentum, ...), in
+        rank order; 'empty' before any step. Layout-dependent (flat ZeRO partitions), which is
+        enough: moments are only carried between identical layouts."""
         base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        keys = sorted({k for state in base.state.values() for k, v in state.items() if torch.is_tensor(v) and v.numel() > 1})
-        keys = self.broadcast_object(keys)
-        if not keys:
+        local = hashlib.sha256()
+        tensors = 0
+        for group in base.param_groups:
+            for param in group["params"]:
+                for key, value in sorted(base.state.get(param, {}).items()):
+                    if torch.is_tensor(value) and value.numel() > 1:
+                        local.update(key.encode())
+                        local.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+                        tensors += 1
+        per_rank: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(per_rank, (tensors, local.hexdigest()))
+        if sum(count for count, _ in per_rank) == 0:
             return "empty"
-        digest = hashlib.sha256()
-        for name, param in self.module.named_parameters():
-            for key in keys:
-                full = safe_get_full_optimizer_state(param, key)
-                if full is None:  # no ZeRO and no bf16 wrapper: plain torch optimizer state
-                    full = base.state[param][key]
-                digest.update(name.encode() + key.encode())
-                digest.update(full.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return hashlib.sha256("".join(d for _, d in per_rank).encode()).hexdigest()
 
     # ---- small collectives ------------------------------------------------
     def all_reduce_sum(self, values: list[float]) -> list[float]:

@@ -22,6 +22,7 @@ from harness.worker.data import SampleStream, TokenizedSet, load_finetune, load_
 from harness.worker.evaluate import eval_metrics
 from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_rank_file
 from harness.worker.metrics import MetricsLog, NullMetrics
+from harness.worker.monitor import NullMonitor, start_monitor
 from harness.worker.model import build_model, build_tokenizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -58,7 +59,8 @@ def run_stage(stage_file: Path) -> None:
     strategy.setup(model, json.loads(stage_dir.ds_config.read_text()))
     checkpointer = Checkpointer(stage, stage_dir, strategy)
     progress = checkpointer.restore(start)
-    metrics = MetricsLog(stage_dir.metrics, progress.stage_step, NullMetrics()) if strategy.is_rank0 else NullMetrics()
+    monitor = start_monitor(stage, run, stage_dir, model) if strategy.is_rank0 else NullMonitor()
+    metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
     try:
         last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop)
     finally:
@@ -66,7 +68,7 @@ def run_stage(stage_file: Path) -> None:
     if last_eval is None:
         strategy.exit(PREEMPTED)
     engine_optimizer = type(getattr(strategy.engine.optimizer, "optimizer", strategy.engine.optimizer)).__name__
-    checkpointer.save_handoff(progress, last_eval, model, tokenizer, {"engine_optimizer": engine_optimizer})
+    checkpointer.save_handoff(progress, last_eval, model, tokenizer, {"engine_optimizer": engine_optimizer, "wandb_run_id": monitor.run_id})
     if strategy.is_rank0:
         print(f"[harness] stage {stage.name} done: step {progress.global_step}, eval {last_eval}", flush=True)
     strategy.exit(0)

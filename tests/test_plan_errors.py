@@ -1,0 +1,116 @@
+"""Bad plans: one clear message naming the field, the value and what is allowed; exit code 2;
+nothing written, nothing launched."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from conftest import finetune_phase, harness, make_plan, pretrain_phase, write_plan
+from harness.orchestrator import prepare
+from harness.plan import PlanError
+
+
+def good_plan() -> dict:
+    return make_plan("errors", [pretrain_phase("pre"), finetune_phase("sft")], port=29500)
+
+
+def with_change(path: str, value):
+    plan = good_plan()
+    *parents, last = path.split(".")
+    node = plan
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return plan
+
+
+DELETE = object()
+
+# (change to a good plan, field path in the message, words of what is allowed)
+CASES = [
+    ("phases.0.zero_stage", 4, "phases[0].zero_stage", "0, 1, 2 or 3"),
+    ("phases.0.optimizer", {"type": "Adamax", "lr": 0.1}, "phases[0].optimizer", "unknown optimizer type 'Adamax'"),
+    ("phases.0.optimizer", {"type": "AdamW", "lr": -0.1}, "phases[0].optimizer.lr", "greater than 0"),
+    ("phases.0.optimizer", {"type": "SGD", "lr": 0.1, "betas": [0.9, 0.99]}, "phases[0].optimizer", "SGD does not take ['betas']"),
+    ("phases.0.optimizer", {"type": "AdamW", "lr": 0.1, "nesterov": True}, "phases[0].optimizer", "AdamW does not take ['nesterov']"),
+    ("phases.0.global_batch", 12, "phases[0].global_batch", "a multiple of micro_batch x world size = 4 x 2 = 8"),
+    ("phases.0.data", {"files": ["missing.txt"]}, "phases[0].data.files[0]", "an existing file"),
+    ("phases.0.precision", "fp16", "phases[0].precision", "fp32 or bf16 on CPU"),
+    ("phases.0.kind", "distill", "phases[0].kind", "'pretrain', 'finetune' or 'multistep'"),
+    ("phases.0.bogus_key", 1, "phases[0].bogus_key", "Extra inputs are not permitted"),
+    ("phases.0.steps", DELETE, "phases[0]", "give exactly one of steps, epochs, tokens"),
+    ("phases.0.epochs", 2, "phases[0].epochs", "pretrain phases take steps or tokens"),
+    ("phases.0.offload", {"params": True}, "phases[0]", "offload.params needs zero_stage 3"),
+    ("phases.0.optimizer", {"type": "Lion", "lr": 1e-4}, "phases[0].optimizer.type", "Lamb/Lion fail on CPU"),
+    ("phases.1.name", "pre", "phases", "phase names must be unique"),
+    ("phases.0.name", "Has Space", "phases[0].name", "should match pattern"),
+    ("cluster.launcher", "mpi", "cluster.launcher", "'local', 'pdsh' or 'slurm'"),
+    ("model", {"builtin": "tiny-llama", "path": "/x"}, "model", "exactly one of model.builtin or model.path"),
+    ("phases.0.scheduler", {"type": "Cosine"}, "phases[0].scheduler.type", "'WarmupCosineLR'"),
+    ("phases.0.deepspeed", {"zero_optimization": {"stage": 2, "overlap_com": True}}, "stage 'pre' deepspeed", "overlap_com"),
+    ("phases.0.deepspeed", {"zero_optimisation": {"stage": 2}}, "stage 'pre' deepspeed", "unknown top-level DeepSpeed key 'zero_optimisation'"),
+    ("phases.0.micro_batch", 0, "phases[0].micro_batch", "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("change,value,field,allowed", CASES, ids=[c[2] + ":" + str(c[1])[:20] for c in CASES])
+def test_bad_plan_is_refused_with_field_value_and_allowed(tmp_path: Path, change, value, field, allowed):
+    plan_path = write_plan(tmp_path, with_change(change, value))
+    with pytest.raises(PlanError) as error:
+        prepare(plan_path, tmp_path / "run")
+    problems = [(path, allowed_text) for path, _, allowed_text in error.value.problems]
+    assert any(path == field and allowed in text for path, text in problems), error.value.message()
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path):
+    plan = good_plan()
+    plan["phases"][0]["zero_stage"] = 7
+    plan["phases"][1]["optimizer"] = {"type": "AdamW", "lr": 0}
+    plan["cluster"]["procs_per_node"] = 0
+    with pytest.raises(PlanError) as error:
+        prepare(write_plan(tmp_path, plan), tmp_path / "run")
+    fields = {path for path, _, _ in error.value.problems}
+    assert {"phases[0].zero_stage", "phases[1].optimizer.lr", "cluster.procs_per_node"} <= fields
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_cli_exits_2_and_writes_and_launches_nothing(tmp_path: Path, command):
+    plan = good_plan()
+    plan["phases"][0]["zero_stage"] = 4
+    out = tmp_path / "run"
+    result = harness(command, write_plan(tmp_path, plan), "--out", out)
+    assert result.returncode == 2
+    assert "phases[0].zero_stage: 4 -> Input should be 0, 1, 2 or 3" in result.stderr
+    assert not out.exists()
+    assert "deepspeed" not in result.stdout.lower()
+
+
+def test_a_changed_plan_is_refused_for_an_existing_run_unless_forced(tmp_path: Path):
+    out = tmp_path / "run"
+    plan_path = write_plan(tmp_path, good_plan())
+    assert harness("plan", plan_path, "--out", out).returncode == 0
+    before = (out / "phases" / "00-pre" / "ds_config.json").read_text()
+    changed = copy.deepcopy(good_plan())
+    changed["phases"][0]["micro_batch"] = 2
+    write_plan(tmp_path, changed)
+    refused = harness("plan", plan_path, "--out", out)
+    assert refused.returncode == 2 and "--out" in refused.stderr and "--force" in refused.stderr
+    assert (out / "phases" / "00-pre" / "ds_config.json").read_text() == before
+    assert harness("plan", plan_path, "--out", out, "--force").returncode == 0
+    assert '"train_micro_batch_size_per_gpu": 2' in (out / "phases" / "00-pre" / "ds_config.json").read_text()
+
+
+def test_missing_plan_file_and_broken_yaml(tmp_path: Path):
+    missing = harness("plan", tmp_path / "nope.yaml", "--out", tmp_path / "run")
+    assert missing.returncode == 2 and "an existing plan file" in missing.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    result = harness("plan", broken, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "valid YAML" in result.stderr
+    assert not (tmp_path / "run").exists()
