@@ -75,21 +75,29 @@ def _optimizer_block(stage: Stage) -> dict[str, Any]:
 
 
 def _scheduler_block(stage: Stage) -> dict[str, Any] | None:
+    """The stage's schedule; with span 'phase' one schedule runs across the phase's stages and
+    each stage starts it at its offset (DeepSpeed schedulers take last_batch_iteration)."""
     spec = stage.settings.scheduler
-    lr = stage.settings.optimizer.lr
-    warmup = max(1, round(spec.warmup_ratio * stage.steps))
-    min_lr = lr * spec.min_lr_ratio
     if spec.type == "none":
         return None
+    lr = stage.settings.optimizer.lr
+    length = stage.phase_steps if spec.span == "phase" else stage.steps
+    warmup = round(spec.warmup_ratio * length)
+    # No warmup is a warmup that starts at the peak: DeepSpeed needs at least one warmup step.
+    start_ratio = 0.0 if warmup else 1.0
+    warmup = max(1, warmup)
     if spec.type == "WarmupLR":
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+        params = {"warmup_min_lr": lr * start_ratio, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
     elif spec.type == "WarmupDecayLR":
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear", "total_num_steps": stage.steps}
+        params = {"warmup_min_lr": lr * start_ratio, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear", "total_num_steps": length}
     elif spec.type == "WarmupCosineLR":
-        params = {"total_num_steps": stage.steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0, "cos_min_ratio": spec.min_lr_ratio, "warmup_type": "linear"}
-    else:  # OneCycle: up for half the stage, down for the other half.
-        half = max(1, stage.steps // 2)
-        params = {"cycle_min_lr": min_lr, "cycle_max_lr": lr, "cycle_first_step_size": half, "cycle_second_step_size": max(1, stage.steps - half), "cycle_momentum": False, "decay_lr_rate": 0.0}
+        params = {"total_num_steps": length, "warmup_num_steps": warmup, "warmup_min_ratio": start_ratio, "cos_min_ratio": spec.min_lr_ratio, "warmup_type": "linear"}
+    else:  # OneCycle: up for half the schedule, down for the other half.
+        half = max(1, length // 2)
+        params = {"cycle_min_lr": lr * spec.min_lr_ratio, "cycle_max_lr": lr, "cycle_first_step_size": half,
+                  "cycle_second_step_size": max(1, length - half), "cycle_momentum": False, "decay_lr_rate": 0.0}
+    if spec.span == "phase" and stage.phase_offset:
+        params["last_batch_iteration"] = stage.phase_offset - 1
     return {"type": spec.type, "params": params}
 
 

@@ -141,6 +141,9 @@ class SchedulerSpec(Strict):
     """Fraction of the stage's steps spent warming up."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Cosine/decay floor as a fraction of the peak lr."""
+    span: Literal["stage", "phase"] = "stage"
+    """multistep: one schedule per stage, or one schedule across the whole phase (each stage
+    continues it where the previous stage stopped)."""
 
 
 class OffloadSpec(Strict):

@@ -138,9 +138,9 @@ def report_table(run: RunRecord) -> list[dict]:
             "step_start": start,
             "step_end": end,
             "train_loss": final_train_loss(stage),
-            "eval_loss": evals.get("loss"),
-            "eval_ppl": evals.get("ppl"),
-            "exact_match": evals.get("exact_match"),
+            "eval_loss": evals.get("eval/loss"),
+            "eval_ppl": evals.get("eval/ppl"),
+            "exact_match": evals.get("eval/exact_match"),
             "load": (manifest.get("load") or {}).get("mode"),
         })
     return rows
@@ -271,9 +271,9 @@ def _final_row(run: RunRecord) -> dict:
         "last_stage": last.name,
         "total_steps": max((e for e in ends if e is not None), default=None),
         "train_loss": next((v for v in reversed(losses) if v is not None), None),
-        "eval_loss": evals.get("loss"),
-        "eval_ppl": evals.get("ppl"),
-        "exact_match": evals.get("exact_match"),
+        "eval_loss": evals.get("eval/loss"),
+        "eval_ppl": evals.get("eval/ppl"),
+        "exact_match": evals.get("eval/exact_match"),
     }
 
 

@@ -65,6 +65,10 @@ class Stage(Strict):
     nodes: int
     procs_per_node: int
     steps: int
+    phase_offset: int = 0
+    """Steps of this phase run before this stage (multistep), for schedules that span the phase."""
+    phase_steps: int
+    """Steps of the whole phase."""
     grad_accum: int
     global_batch: int
     precision: Literal["fp32", "bf16", "fp16"]
@@ -89,14 +93,22 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
     stages: list[Stage] = []
     problems: list[tuple[str, Any, str]] = []
     for i, phase in enumerate(plan.phases):
+        phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
             try:
-                stages.append(_resolve(plan, phase, len(stages), name, settings, data, accelerator, count_train_rows))
+                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows))
             except _StageProblem as problem:
                 problems.append((f"phases[{i}]{where}.{problem.field}", problem.value, problem.allowed))
+        stages += _with_phase_offsets(phase_stages)
     if problems:
         raise PlanError(problems)
     return stages
+
+
+def _with_phase_offsets(phase_stages: list[Stage]) -> list[Stage]:
+    total = sum(stage.steps for stage in phase_stages)
+    offsets = [sum(stage.steps for stage in phase_stages[:k]) for k in range(len(phase_stages))]
+    return [stage.model_copy(update={"phase_offset": offset, "phase_steps": total}) for stage, offset in zip(phase_stages, offsets)]
 
 
 def _phase_parts(phase: PhaseSpec):
@@ -112,10 +124,19 @@ def _phase_parts(phase: PhaseSpec):
                 stage = StageSettings.model_validate(deep_merge(base.model_dump(), override))
             except ValidationError:  # reported with its field path by plan._check_stages
                 continue
-            suffix = stage.name or stage.optimizer.type.lower()
+            suffix = stage.name or _optimizer_label(stage)
             data = StageData(pretrain=phase.data.pretrain, finetune=phase.data.finetune, source=stage.data, mix=phase.data.mix)
             settings = TrainSettings.model_validate(stage.model_dump(include=set(TrainSettings.model_fields)))
             yield f"{phase.name}.c{cycle}.s{j}-{suffix}", settings, data, f".stages[{j - 1}]"
+
+
+def _optimizer_label(settings: TrainSettings) -> str:
+    """'adamw', 'sgd', 'sgd-momentum', 'sgd-nesterov': the default name suffix of a multistep stage."""
+    optimizer = settings.optimizer
+    label = optimizer.type.lower()
+    if optimizer.nesterov:
+        return f"{label}-nesterov"
+    return f"{label}-momentum" if optimizer.momentum else label
 
 
 class _StageProblem(Exception):
@@ -153,6 +174,7 @@ def _resolve(
         raise _StageProblem("optimizer.type", settings.optimizer.type, "on CPU: Adam, AdamW, Adagrad, SGD, RMSprop (Lamb/Lion fail on CPU in DeepSpeed 0.19.8)")
     if plan.cluster.launcher == "pdsh" and nodes > 1 and not (plan.cluster.hostfile or plan.cluster.hosts):
         raise _StageProblem("nodes", nodes, "pdsh with several nodes needs cluster.hostfile or cluster.hosts")
+    steps = _steps(settings, global_batch, data, count_train_rows)
     return Stage(
         index=index,
         name=name,
@@ -165,7 +187,8 @@ def _resolve(
         accelerator=accelerator,
         nodes=nodes,
         procs_per_node=procs,
-        steps=_steps(settings, global_batch, data, count_train_rows),
+        steps=steps,
+        phase_steps=steps,
         grad_accum=global_batch // per_step,
         global_batch=global_batch,
         precision=precision,

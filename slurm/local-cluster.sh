@@ -39,8 +39,10 @@ export SLURM_CONF=$SLURM_CONF_FILE
 log() { echo "local-cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# running PID: exists and is not a zombie (a container's PID 1 may reap daemons late)
+running() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 # alive PIDFILE: true when the file names a running process
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -s "$1" ] && running "$(cat "$1")"; }
 
 # every PID file this cluster owns (node count recorded at start)
 pid_files() {
@@ -233,9 +235,9 @@ EOF
     || die "sshd did not start (port $SSH_PORT on 127.0.0.x taken? see $S/sshd.log; try SSH_PORT=...)"
   for _ in $(seq 50); do ssh "127.0.0.$n" true 2>/dev/null && break; sleep 0.1; done
   # every node answers through pdsh, by address and by slurm node name
-  local got
-  got=$(PDSH_RCMD_TYPE=ssh pdsh -w "$(echo $addrs $names | tr ' ' ',')" true 2>&1 | wc -l)
-  [ "$got" = 0 ] || { PDSH_RCMD_TYPE=ssh pdsh -w "$(echo $addrs | tr ' ' ',')" true >&2 || true; die "pdsh over ssh failed"; }
+  local targets="${addrs// /,}${names// /,}" out
+  out=$(PDSH_RCMD_TYPE=ssh pdsh -w "${targets%,}" true 2>&1) || true
+  [ -z "$out" ] || { echo "$out" >&2; die "pdsh over ssh failed"; }
 }
 
 # ---------------------------------------------------------------------------------------
@@ -282,13 +284,13 @@ cmd_stop() {
   fi
   # 2. daemons by PID file: slurmds first (they talk to slurmctld), munged after slurm
   local f pid _
-  for f in $LAB/run/slurmd-*.pid "$LAB/run/slurmctld.pid" "$LAB/munge/run/munged.pid" "$SSHD_PID"; do
+  for f in "$LAB"/run/slurmd-*.pid "$LAB/run/slurmctld.pid" "$LAB/munge/run/munged.pid" "$SSHD_PID"; do
     [ -s "$f" ] || continue
     pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
+    if running "$pid"; then
       kill -TERM "$pid"
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      for _ in $(seq 100); do running "$pid" || break; sleep 0.1; done
+      running "$pid" && kill -KILL "$pid"
       log "stopped $(basename "$f" .pid) ($pid)"
     fi
     rm -f "$f"

@@ -6,7 +6,7 @@ tested on one machine. Needs root; installs the Debian packages on first use.
 
 Use from a test module (the fixture must be visible to pytest there)::
 
-    from cluster import local_cluster, wait_job   # noqa: F401  (tests/ is on sys.path)
+    from cluster import local_cluster, sbatch, wait_job   # noqa: F401  (tests/ on sys.path)
 
     def test_two_nodes(local_cluster, tmp_path):
         job = sbatch("--nodes=2", "--wrap", "srun hostname", cwd=tmp_path,

@@ -13,9 +13,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # (stage, phase, kind, optimizer, first global step, last global step, manifest eval or None if not done)
 STAGES = [
-    ("pretrain", "pretrain", "pretrain", "AdamW", 1, 40, {"loss": 3.2, "ppl": 24.5}),
+    ("pretrain", "pretrain", "pretrain", "AdamW", 1, 40, {"eval/loss": 3.2, "eval/ppl": 24.5}),
     ("refine.c1.s2-adamw", "refine", "multistep", "AdamW", 41, 60,
-     {"loss": 2.1, "ppl": 8.2, "exact_match": 0.25}),
+     {"eval/loss": 2.1, "eval/ppl": 8.2, "eval/exact_match": 0.25}),
     ("refine.c1.s3-sgd", "refine", "multistep", "SGD", 61, 70, None),
 ]
 

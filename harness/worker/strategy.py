@@ -36,7 +36,12 @@ class DeepSpeedStrategy:
 
     # ---- engine lifecycle -------------------------------------------------
     def setup(self, model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        if scheduler is not None:
+            # DeepSpeed 0.19.8 schedulers built at iteration -1 set lr 0 ("before it has started"),
+            # so the first step would be wasted; one built at an offset sets no lr at all. Apply
+            # the lr of the first position now: step k of a stage uses the schedule at k-1.
+            scheduler.step(scheduler.last_batch_iteration + 1)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -46,8 +51,8 @@ class DeepSpeedStrategy:
         """Forward and backward of one micro batch; returns the LM loss (without penalties)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = self.engine(**batch).loss
-        total = loss if extra_loss is None else loss + extra_loss()
-        self.engine.backward(total)
+        extra = extra_loss() if extra_loss is not None else None
+        self.engine.backward(loss if extra is None else loss + extra)
         return loss.detach()
 
     def optimizer_step(self) -> None:

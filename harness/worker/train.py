@@ -24,6 +24,7 @@ from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
 from harness.worker.model import build_model, build_tokenizer
+from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
 
@@ -59,16 +60,18 @@ def run_stage(stage_file: Path) -> None:
     strategy.setup(model, json.loads(stage_dir.ds_config.read_text()))
     checkpointer = Checkpointer(stage, stage_dir, strategy)
     progress = checkpointer.restore(start)
+    regularizer = make_regularizer(stage.settings.regularization, strategy)
     monitor = start_monitor(stage, run, stage_dir, model) if strategy.is_rank0 else NullMonitor()
     metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
     try:
-        last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop)
+        last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop, regularizer)
     finally:
         metrics.close()
     if last_eval is None:
         strategy.exit(PREEMPTED)
     engine_optimizer = type(getattr(strategy.engine.optimizer, "optimizer", strategy.engine.optimizer)).__name__
-    checkpointer.save_handoff(progress, last_eval, model, tokenizer, {"engine_optimizer": engine_optimizer, "wandb_run_id": monitor.run_id})
+    extra = {"engine_optimizer": engine_optimizer, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
+    checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
     if strategy.is_rank0:
         print(f"[harness] stage {stage.name} done: step {progress.global_step}, eval {last_eval}", flush=True)
     strategy.exit(0)
@@ -85,7 +88,7 @@ def load_sets(stage: Stage, tokenizer, cache_dir: Path) -> dict[str, TokenizedSe
 
 
 def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], progress: Progress,
-          checkpointer: Checkpointer, metrics, tokenizer, stop: StopRequest) -> dict[str, float] | None:
+          checkpointer: Checkpointer, metrics, tokenizer, stop: StopRequest, regularizer: NoRegularizer) -> dict[str, float] | None:
     """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
     s = stage.settings
     streams = {kind: SampleStream(data, s.seed) for kind, data in sets.items()}
@@ -103,8 +106,9 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
         for accum_index in range(stage.grad_accum):
             position = micro_batch_position(first, s.micro_batch, accum_index, strategy.rank, strategy.world_size)
             batch = streams[source].batch(position, s.micro_batch)
-            loss_sum += strategy.train_micro_step(batch).item()
+            loss_sum += strategy.train_micro_step(batch, regularizer.loss_term).item()
             tokens += int(batch["attention_mask"].sum())
+        regularizer.apply_to_gradients()
         lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
         strategy.optimizer_step()
         loss_sum, tokens, stops = strategy.all_reduce_sum([loss_sum, tokens, float(stop.asked)])
@@ -122,6 +126,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
             "train/grad_norm": strategy.grad_norm(),
             "train/tokens_per_s": tokens / elapsed,
             "train/samples_per_s": stage.global_batch / elapsed,
+            **regularizer.last,
         }
         if step % s.eval_every == 0 or step == stage.steps:
             last_eval = eval_metrics(strategy, sets, primary, tokenizer, s.micro_batch, s.eval_batches)
