@@ -19,7 +19,7 @@ def cmd_plan(args) -> int:
     """Validate, resolve, write each stage's DeepSpeed config and launcher command; launch nothing."""
     from harness.orchestrator import prepare, write_setup
 
-    setup = prepare(args.plan, _out(args), force=args.force)
+    setup = prepare(args.plan, args.out, force=args.force)
     commands = write_setup(setup)
     _print_stages(setup)
     for stage, argv in zip(setup.stages, commands):
@@ -32,8 +32,28 @@ def cmd_run(args) -> int:
     """Run every unfinished stage; a rerun skips done stages and resumes an interrupted one."""
     from harness.orchestrator import prepare, run_stages
 
-    setup = prepare(args.plan, _out(args), force=args.force)
-    run_stages(setup)
+    setup = prepare(args.plan, args.out, force=args.force)
+    run_stages(setup, only=args.only)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """SLURM: one sbatch job per unfinished stage, chained with afterok (or --single-job)."""
+    from harness.orchestrator import prepare, write_setup
+    from harness.slurm import render_jobs, submit_jobs
+
+    setup = prepare(args.plan, args.out, force=args.force)
+    write_setup(setup)
+    jobs = render_jobs(setup.stages, Path(args.plan), setup.run, args.single_job)
+    if not jobs:
+        print("every stage is done; nothing to submit")
+        return 0
+    if args.dry_run:
+        print("\n".join(f"rendered {job.script}" for job in jobs))
+        return 0
+    for job in submit_jobs(jobs, setup.run):
+        print(f"submitted {job.name}: job {job.job_id}")
+    print(f"watch: harness status {args.out}")
     return 0
 
 
@@ -73,22 +93,40 @@ def cmd_demo(args) -> int:
 
 
 def cmd_status(args) -> int:
-    """Where each stage of a run stands."""
+    """Where each stage of a run stands (with its SLURM job, if it was submitted)."""
     from rich.console import Console
     from rich.table import Table
 
     from harness.orchestrator import stage_statuses
+    from harness.slurm import job_state, recorded_jobs
 
     run = RunDir(Path(args.out))
     if not run.phases.is_dir():
-        raise PlanError([("out", args.out, "a run folder made by `harness plan` or `harness run`")])
+        raise PlanError([("out", args.out, "a run folder made by `harness plan`, `run` or `submit`")])
+    jobs = {index: job for job in recorded_jobs(run) for index in job.stages}
     table = Table(title=str(run.root))
-    for column in ("#", "stage", "state", "steps", "loss", "checkpoint", "load mode"):
+    columns = ["#", "stage", "state", "steps", "loss", "checkpoint", "load mode"] + (["slurm job", "slurm state"] if jobs else [])
+    for column in columns:
         table.add_column(column)
     for s in stage_statuses(run):
-        table.add_row(f"{s.index:02d}", s.name, s.state, s.steps, "-" if s.loss is None else f"{s.loss:.4f}", s.checkpoint or "-", s.load_mode or "-")
-    Console().print(table)
+        row = [f"{s.index:02d}", s.name, s.state, s.steps, "-" if s.loss is None else f"{s.loss:.4f}", s.checkpoint or "-", s.load_mode or "-"]
+        if jobs:
+            job = jobs.get(s.index)
+            row += [job.job_id or "-", _slurm_state(job_state(job.job_id)) if job and job.job_id else "-"] if job else ["-", "-"]
+        table.add_row(*row)
+    Console(width=160).print(table)
     return 0
+
+
+def _slurm_state(state: dict[str, str]) -> str:
+    text = state["JobState"]
+    if state["Reason"] not in ("", "None"):
+        text += f" ({state['Reason']})"
+    if state["ExitCode"] not in ("", "0:0"):
+        text += f", exit {state['ExitCode']}"
+    if state["Restarts"] not in ("", "0"):
+        text += f", requeued {state['Restarts']}x"
+    return text
 
 
 def cmd_report(args) -> int:
@@ -113,10 +151,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _out(args) -> str:
-    return args.out
-
-
 def _print_stages(setup) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -128,7 +162,7 @@ def _print_stages(setup) -> None:
         s = st.settings
         table.add_row(f"{st.index:02d}", st.name, st.kind, str(st.world_size), str(s.zero_stage), st.precision, st.optimizer_type,
                       str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 COMMANDS = {
@@ -136,6 +170,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "run": cmd_run,
     "status": cmd_status,
+    "submit": cmd_submit,
     "configs": cmd_configs,
     "report": cmd_report,
     "compare": cmd_compare,
@@ -147,11 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, plan and run (default: runs/demo)")
-    for name in ("plan", "run"):
+    for name in ("plan", "run", "submit"):
         p = sub.add_parser(name, help=COMMANDS[name].__doc__)
         p.add_argument("plan", help="plan YAML file")
         p.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
         p.add_argument("--force", action="store_true", help="continue a run folder whose plan changed (finished stages are kept)")
+        if name == "run":
+            p.add_argument("--only", type=int, default=None, metavar="N", help="run only stage number N (what each SLURM job does)")
+        if name == "submit":
+            p.add_argument("--single-job", action="store_true", help="one allocation for every stage instead of one job per stage")
+            p.add_argument("--dry-run", action="store_true", help="render the sbatch scripts under <out>/slurm/, submit nothing")
     configs = sub.add_parser("configs", help=cmd_configs.__doc__)
     configs.add_argument("plans", nargs="+", help="plan YAML files")
     configs.add_argument("--out", default="ds_configs", help="folder (default: ds_configs)")

@@ -1,58 +1,76 @@
 """Stage -> the `deepspeed` launcher command and the environment its ranks get. Pure.
 
-Facts behind the choices (DeepSpeed 0.19.8, see shared/DESIGN.md):
+Facts behind the choices (DeepSpeed 0.19.8, see shared/DESIGN.md and slurm/NOTES-cluster.md):
 - --master_addr is always passed: otherwise DeepSpeed takes the first
   `hostname -I` address, not the one the plan names.
-- On CPU --num_gpus is explicit: the CPU accelerator counts NUMA nodes.
+- On CPU --num_gpus is explicit for local/pdsh (the CPU accelerator counts NUMA
+  nodes) and absent for slurm (the slurm runner turns it into srun --gpus-per-node).
+- The slurm runner ignores --module and runs `srun ... python -u <script>`, so it
+  gets the worker's file path; srun gets --wait=60 so a crashed rank's peers do
+  not hang in a collective (not --kill-on-bad-exit: it would kill peers that are
+  still checkpointing after a preemption).
 - Remote nodes get only MLFLOW*/PYTHON*/MV2*/UCX* variables from the runner;
   everything else travels in the .deepspeed_env file (KEY=VAL lines, and a
   blank line crashes the runner).
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from harness.layout import StageDir
 from harness.stages import Stage
 
 WORKER_MODULE = "harness.worker"
+WORKER_SCRIPT = Path(__file__).resolve().parent / "worker" / "__main__.py"
+SRUN_ARGS = "--wait=60"
+# Variables of the launching shell that the ranks need on every node.
+PASSED_THROUGH = (
+    "PATH", "PYTHONPATH", "VIRTUAL_ENV", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST",
+    "WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "HARNESS_STOP_FILE",
+    "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG", "GLOO_SOCKET_IFNAME",
+)
 
 
-def launcher_command(stage: Stage, stage_dir: StageDir, master_port: int, deepspeed_bin: str, hostfile: str | None) -> list[str]:
+def launcher_command(stage: Stage, stage_dir: StageDir, master_addr: str, master_port: int, deepspeed_bin: str, hostfile: str | None) -> list[str]:
     """The exact argv that starts one stage on all its ranks."""
     cluster = stage.cluster
     argv = [deepspeed_bin]
     if cluster.launcher == "local":
         argv += ["--num_nodes", "1", "--num_gpus", str(stage.procs_per_node)]
     else:
-        if hostfile is None:
-            raise ValueError(f"launcher {cluster.launcher} needs a hostfile")
-        argv += ["--hostfile", hostfile, "--launcher", cluster.launcher, "--num_nodes", str(stage.nodes), "--num_gpus", str(stage.procs_per_node)]
+        argv += ["--hostfile", str(hostfile), "--launcher", cluster.launcher, "--num_nodes", str(stage.nodes)]
+        if cluster.launcher == "pdsh" or stage.accelerator == "cuda":
+            argv += ["--num_gpus", str(stage.procs_per_node)]
         if cluster.launcher == "slurm":
             # DeepSpeed ssh-checks the first host even for --launcher slurm.
-            argv.append("--no_ssh_check")
+            argv += ["--no_ssh_check", f"--launcher_args={SRUN_ARGS}"]
     if cluster.include:
         argv += ["--include", cluster.include]
     if cluster.exclude:
         argv += ["--exclude", cluster.exclude]
-    argv += ["--master_addr", cluster.master_addr, "--master_port", str(master_port)]
+    argv += ["--master_addr", master_addr, "--master_port", str(master_port)]
     argv += cluster.launcher_args
-    argv += ["--module", WORKER_MODULE, "--stage", str(stage_dir.stage_json)]
+    if cluster.launcher == "slurm":
+        argv += [str(WORKER_SCRIPT), "--stage", str(stage_dir.stage_json)]
+    else:
+        argv += ["--module", WORKER_MODULE, "--stage", str(stage_dir.stage_json)]
     return argv
 
 
-def rank_environment(stage: Stage, base: dict[str, str]) -> dict[str, str]:
+def rank_environment(stage: Stage, base: dict[str, str], master_addr: str, master_port: int) -> dict[str, str]:
     """Variables every rank needs, on this node and on remote ones."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # Silence the tokenizers fork warning; data loading is in the main process.
         "TOKENIZERS_PARALLELISM": "false",
+        # srun starts the worker without RANK & co.; the worker maps SLURM_* and needs these.
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
     }
     if stage.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("PATH", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "HF_HOME", "TORCH_CUDA_ARCH_LIST"):
-        if base.get(key):
-            env[key] = base[key]
+    env.update({key: base[key] for key in PASSED_THROUGH if base.get(key)})
     if "TORCH_CUDA_ARCH_LIST" in env:
         # DeepSpeed 0.19.8's op builder cannot parse arch suffixes like "9.0a".
         env["TORCH_CUDA_ARCH_LIST"] = ";".join(a.rstrip("a") for a in env["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a)
@@ -69,9 +87,13 @@ def hostfile_text(hosts: list[str], slots: int) -> str:
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
-def shell_quote(argv: list[str]) -> str:
-    import shlex
+def hostfile_hosts(text: str) -> list[str]:
+    """Host names of a DeepSpeed hostfile, in order (node rank order)."""
+    lines = (line.split("#")[0].split() for line in text.splitlines())
+    return [words[0] for words in lines if words]
 
+
+def shell_quote(argv: list[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in argv)
 
 

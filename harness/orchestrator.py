@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from harness.exit_codes import PREEMPTED
 from harness.ds_config import check_ds_config, get_train_ds_config, validate_with_deepspeed
-from harness.launch import deepspeed_binary, deepspeed_env_file, hostfile_text, launcher_command, rank_environment, shell_quote
+from harness.launch import deepspeed_binary, deepspeed_env_file, hostfile_hosts, hostfile_text, launcher_command, rank_environment, shell_quote
 from harness.layout import RunDir, StageDir
 from harness.manifest import valid_manifest
 from harness.plan import DataSpec, Plan, PlanError, load_plan
@@ -124,8 +125,9 @@ def _digest(text: str) -> str:
 
 
 def write_setup(setup: RunSetup) -> list[list[str]]:
-    """Write the plan copy and every unfinished stage's files; return each stage's launcher argv.
-    A finished stage's files are left untouched: they record what ran."""
+    """Write the plan copy and every unfinished stage's files; return each stage's launcher argv
+    (as `harness plan` shows it: the port is the first one tried). A finished stage's files are
+    left untouched: they record what ran."""
     run = setup.run
     run.phases.mkdir(parents=True, exist_ok=True)
     run.plan_copy.write_text(setup.plan_text)
@@ -134,7 +136,7 @@ def write_setup(setup: RunSetup) -> list[list[str]]:
     previous: StageDir | None = None
     for stage, config in zip(setup.stages, setup.configs):
         stage_dir = run.stage(stage.index, stage.name)
-        argv = launcher_command(stage, stage_dir, _port_placeholder(stage), deepspeed_binary(sys.executable), _hostfile(stage, stage_dir))
+        argv = launcher_command(stage, stage_dir, stage.cluster.master_addr, _first_port(stage), deepspeed_binary(sys.executable), _hostfile_path(stage, stage_dir))
         commands.append(argv)
         if valid_manifest(stage_dir.manifest) is None:
             stage_dir.root.mkdir(parents=True, exist_ok=True)
@@ -146,18 +148,46 @@ def write_setup(setup: RunSetup) -> list[list[str]]:
     return commands
 
 
-def _port_placeholder(stage: Stage) -> int:
-    """The port shown by `harness plan`; `run` picks the first free one from here."""
+def _first_port(stage: Stage) -> int:
+    """The first master port tried for a stage; `run` takes the first free one from here."""
     return (stage.cluster.master_port or 29500) + stage.index
 
 
-def _hostfile(stage: Stage, stage_dir: StageDir) -> str | None:
-    cluster = stage.cluster
-    if cluster.launcher == "local":
+def _hostfile_path(stage: Stage, stage_dir: StageDir) -> str | None:
+    """The plan's hostfile, or the one the stage writes (from the host list or the SLURM allocation)."""
+    if stage.cluster.launcher == "local":
         return None
-    if cluster.hostfile:
-        return cluster.hostfile
+    if stage.cluster.hostfile and "SLURM_JOB_NODELIST" not in os.environ:
+        return stage.cluster.hostfile
     return str(stage_dir.root / "hostfile")
+
+
+def resolve_hosts(stage: Stage, stage_dir: StageDir) -> tuple[str | None, list[str], str]:
+    """(hostfile, hosts in node-rank order, master address) for this launch. Inside a SLURM
+    allocation they come from SLURM_JOB_NODELIST, rank 0 on the first node, at its NodeAddr."""
+    cluster = stage.cluster
+    hostfile = _hostfile_path(stage, stage_dir)
+    if hostfile is None:
+        return None, [], cluster.master_addr
+    if "SLURM_JOB_NODELIST" in os.environ:
+        hosts = _scontrol("show", "hostnames", os.environ["SLURM_JOB_NODELIST"]).split()
+        Path(hostfile).write_text(hostfile_text(hosts, stage.procs_per_node))
+        return hostfile, hosts, _node_address(hosts[0])
+    if cluster.launcher == "slurm":
+        raise StageFailed(stage, stage_dir, 2, "launcher 'slurm' runs inside a SLURM allocation: use `harness submit`, or salloc")
+    if cluster.hosts:
+        Path(hostfile).write_text(hostfile_text(cluster.hosts, stage.procs_per_node))
+    return hostfile, hostfile_hosts(Path(hostfile).read_text()), cluster.master_addr
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def _node_address(node: str) -> str:
+    """A SLURM node's NodeAddr (its name need not resolve, e.g. on a test cluster)."""
+    fields = dict(f.split("=", 1) for f in _scontrol("show", "node", "-o", node).split() if "=" in f)
+    return fields.get("NodeAddr", node)
 
 
 def free_port(start: int) -> int:
@@ -172,10 +202,13 @@ def free_port(start: int) -> int:
     raise RuntimeError(f"no free port in {start}..{start + 199}")
 
 
-def run_stages(setup: RunSetup, echo: Callable[[str], None] = print) -> None:
-    """Run every unfinished stage in order; raises StageFailed at the first failure."""
+def run_stages(setup: RunSetup, only: int | None = None, echo: Callable[[str], None] = print) -> None:
+    """Run every unfinished stage in order (or only stage number `only`); raises StageFailed at
+    the first failure."""
     write_setup(setup)
     for stage in setup.stages:
+        if only is not None and stage.index != only:
+            continue
         stage_dir = setup.run.stage(stage.index, stage.name)
         if valid_manifest(stage_dir.manifest) is not None:
             echo(f"[harness] stage {stage.index:02d} {stage.name}: done, skipped")
@@ -184,26 +217,26 @@ def run_stages(setup: RunSetup, echo: Callable[[str], None] = print) -> None:
              f"{stage.world_size} rank(s), {stage.optimizer_type}, {stage.steps} steps")
         exit_code = launch_stage(stage, stage_dir)
         if exit_code != 0:
-            detail = "preempted; a checkpoint was saved" if exit_code == PREEMPTED else "the launcher reported a failure"
+            detail = "stopped on request (preemption) after saving a checkpoint" if exit_code == PREEMPTED else "the launcher reported a failure"
             raise StageFailed(stage, stage_dir, exit_code, detail)
         if valid_manifest(stage_dir.manifest) is None:
             raise StageFailed(stage, stage_dir, exit_code, "no valid manifest.json was written")
-    echo(f"[harness] all {len(setup.stages)} stage(s) done; final model: {setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model}")
+    if only is None:
+        echo(f"[harness] all {len(setup.stages)} stage(s) done; final model: {setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model}")
 
 
 def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
     """Start the stage's launcher in its own process group, stream its output, return its exit code.
-    Ctrl-C or SIGTERM ends that process group (and nothing else), then re-raises."""
-    port = free_port(_port_placeholder(stage))
-    hostfile = _hostfile(stage, stage_dir)
-    if hostfile and not Path(hostfile).exists():
-        Path(hostfile).write_text(hostfile_text(stage.cluster.hosts or [], stage.procs_per_node))
-    argv = launcher_command(stage, stage_dir, port, deepspeed_binary(sys.executable), hostfile)
+    Ctrl-C or SIGTERM stops that launch and every rank it started (and nothing else), then re-raises."""
+    hostfile, hosts, master_addr = resolve_hosts(stage, stage_dir)
+    port = free_port(_first_port(stage))
+    argv = launcher_command(stage, stage_dir, master_addr, port, deepspeed_binary(sys.executable), hostfile)
     stage_dir.command.write_text(shell_quote(argv) + "\n")
-    env = {**os.environ, **rank_environment(stage, dict(os.environ))}
+    rank_env = rank_environment(stage, dict(os.environ), master_addr, port)
     env_file = stage_dir.root / ".deepspeed_env"
-    env_file.write_text(deepspeed_env_file(rank_environment(stage, dict(os.environ))))
-    env["DS_ENV_FILE"] = str(env_file)
+    env_file.write_text(deepspeed_env_file(rank_env))
+    shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt
+    env = {**os.environ, **rank_env, "DS_ENV_FILE": str(env_file)}
     with open(stage_dir.launcher_log, "ab") as log:
         log.write(f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode())
         process = subprocess.Popen(argv, cwd=stage_dir.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -212,7 +245,7 @@ def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
             _stream(process, log)
             return process.wait()
         except KeyboardInterrupt:
-            end_process_group(process)
+            stop_launch(process, stage, stage_dir, hosts)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_term)
@@ -231,19 +264,29 @@ def _stream(process: subprocess.Popen, log) -> None:
         out.flush()
 
 
-def end_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop the launcher and every rank it started: SIGTERM to the group, then SIGKILL.
-    (SIGTERM to the runner alone leaves its ranks running, DeepSpeed 0.19.8.)"""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(process.pid):
-        time.sleep(0.2)
-    if _group_alive(process.pid):
-        os.killpg(process.pid, signal.SIGKILL)
+def stop_launch(process: subprocess.Popen, stage: Stage, stage_dir: StageDir, hosts: list[str], grace_s: float = 10.0) -> None:
+    """End a launch: the launcher's process group, then any rank still alive, by its recorded PID.
+
+    DeepSpeed's pdsh runner answers SIGTERM by running `pkill -f` on every host (0.19.8), which
+    can kill other people's runs: it gets SIGKILL, and its remote ranks are ended over ssh.
+    The single-node runner leaves its ranks running on SIGTERM: its whole group is signalled."""
+    if stage.cluster.launcher == "pdsh":
+        _signal_group(process, signal.SIGKILL)
+    else:
+        _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        _signal_group(process, signal.SIGKILL)
     process.wait()
+    end_ranks(stage_dir, hosts if stage.cluster.launcher == "pdsh" else [])
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -252,6 +295,23 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def end_ranks(stage_dir: StageDir, hosts: list[str]) -> None:
+    """SIGKILL each rank of this stage and its per-node launcher, by the PIDs the ranks recorded,
+    only if that PID still runs this stage (its command line names this stage's stage.json).
+    Ranks of node k are reached over ssh at hosts[k]; with no hosts, on this machine."""
+    marker = shlex.quote(str(stage_dir.stage_json))
+    for rank_file in sorted(stage_dir.ranks.glob("rank*.json")):
+        rank = json.loads(rank_file.read_text())
+        kills = " ; ".join(
+            f"tr '\\0' ' ' < /proc/{pid}/cmdline 2>/dev/null | grep -qF -- {marker} && kill -KILL {pid}"
+            for pid in (rank["launcher_pid"], rank["pid"])
+        )
+        command = ["bash", "-c", kills + " ; true"]
+        if hosts:
+            command = ["ssh", "-o", "BatchMode=yes", hosts[rank["node_rank"]], kills + " ; true"]
+        subprocess.run(command, capture_output=True, timeout=30)
 
 
 @dataclass
@@ -316,10 +376,3 @@ def _metric_rows(stage_dir: StageDir) -> list[dict[str, Any]]:
 def _load_mode_in_progress(stage_dir: StageDir) -> str | None:
     started = stage_dir.root / "started.json"
     return json.loads(started.read_text())["load"]["mode"] if started.exists() else None
-
-
-def clear_stage(stage_dir: StageDir) -> None:
-    """Remove an unfinished stage's folder. Refuses a finished one: trained work is never deleted."""
-    if valid_manifest(stage_dir.manifest) is not None:
-        raise ValueError(f"{stage_dir.root} is finished; it is kept")
-    shutil.rmtree(stage_dir.root)

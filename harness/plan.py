@@ -314,6 +314,24 @@ class WandbSpec(Strict):
     """Log each stage's final Hugging Face model folder as an artifact reference."""
 
 
+class SlurmSpec(Strict):
+    """sbatch options for `harness submit`: one job per stage, chained with afterok."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    """Time limit per job (sbatch --time)."""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """Default: procs_per_node on GPU clusters, none on CPU."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    preempt_grace_s: int = Field(120, ge=10)
+    """SLURM sends USR1 this long before the time limit: the ranks checkpoint and the job requeues."""
+    max_requeues: int = Field(20, ge=0)
+    extra: list[str] = []
+    """Further sbatch options, one per item, e.g. "--constraint=h100"."""
+
+
 class Plan(Strict):
     """A whole training run."""
 
@@ -321,6 +339,7 @@ class Plan(Strict):
     model: ModelSpec
     cluster: ClusterSpec = ClusterSpec()
     wandb: WandbSpec = WandbSpec()
+    slurm: SlurmSpec = SlurmSpec()
     phases: list[PhaseSpec] = Field(min_length=1)
 
     @field_validator("phases")

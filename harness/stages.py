@@ -23,6 +23,7 @@ from harness.plan import (
     PhaseSpec,
     Plan,
     PlanError,
+    SlurmSpec,
     StageSettings,
     Strict,
     TrainSettings,
@@ -61,6 +62,7 @@ class Stage(Strict):
     model: ModelSpec
     cluster: ClusterSpec
     wandb: WandbSpec
+    slurm: SlurmSpec
     accelerator: Literal["cpu", "cuda"]
     nodes: int
     procs_per_node: int
@@ -184,6 +186,7 @@ def _resolve(
         model=plan.model,
         cluster=plan.cluster,
         wandb=plan.wandb,
+        slurm=plan.slurm,
         accelerator=accelerator,
         nodes=nodes,
         procs_per_node=procs,

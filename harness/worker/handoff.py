@@ -16,6 +16,7 @@ model from full fp32 weights, manifest.json written last and atomically.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -191,8 +192,21 @@ class Checkpointer:
         self.strategy.barrier()
 
 
-def write_rank_file(stage_dir: StageDir, rank: int, pid: int) -> None:
-    """ranks/rank<N>.json: where each rank ran (host, pid), for cleanup and for checks."""
+def write_rank_file(stage_dir: StageDir, rank: int) -> None:
+    """ranks/rank<N>.json: where each rank runs (node rank, host, its pid and its per-node
+    launcher's pid), so the launch side can end exactly these processes, and tests can check."""
     stage_dir.ranks.mkdir(parents=True, exist_ok=True)
-    info = {"rank": rank, "host": socket.gethostname(), "pid": pid, "time": time.time()}
+    # CROSS_RANK: node rank set by deepspeed's launch.py; SLURM_NODEID: under srun.
+    node_rank = int(os.environ.get("CROSS_RANK", os.environ.get("SLURM_NODEID", "0")))
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    info = {
+        "rank": rank,
+        "node_rank": node_rank,
+        "host": socket.gethostname(),
+        "address": ssh[2] if len(ssh) > 2 else None,
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
+        "pid": os.getpid(),
+        "launcher_pid": os.getppid(),
+        "time": time.time(),
+    }
     write_atomic(stage_dir.ranks / f"rank{rank}.json", json.dumps(info) + "\n")

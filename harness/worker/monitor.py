@@ -90,10 +90,13 @@ class WandbMonitor(NullMonitor):
         self._guard(log)
 
     def close(self) -> None:
-        """Finish the run (exit code 1 when an exception is on its way out)."""
+        """Finish the run (exit code 1 when an exception is on its way out) and wait until
+        its files are written: finish() returns before the wandb service has flushed them,
+        and the worker leaves with os._exit, which skips wandb's own atexit teardown."""
         if self.run is not None:
             failed = sys.exc_info()[0] is not None
             self._guard(lambda: self.run.finish(exit_code=1 if failed else 0))
+            self._guard(self.wandb.teardown)
             self.run = None
 
     def _guard(self, action) -> None:

@@ -29,14 +29,20 @@ from harness.worker.strategy import DeepSpeedStrategy
 
 
 class StopRequest:
-    """Set by SIGUSR1; the loop checks it once per step, on all ranks together."""
+    """"Checkpoint and exit": SIGUSR1, or the stop file the SLURM batch script touches (a signal
+    cannot reach ranks that are not SLURM tasks). Checked once per step, on all ranks together."""
 
     def __init__(self):
-        self.asked = False
+        self._signalled = False
+        self._file = os.environ.get("HARNESS_STOP_FILE")
         signal.signal(signal.SIGUSR1, self._ask)
 
     def _ask(self, signum, frame):
-        self.asked = True
+        self._signalled = True
+
+    @property
+    def asked(self) -> bool:
+        return self._signalled or bool(self._file and os.path.exists(self._file))
 
 
 def run_stage(stage_file: Path) -> None:
@@ -49,7 +55,7 @@ def run_stage(stage_file: Path) -> None:
     stop = StopRequest()
 
     strategy = DeepSpeedStrategy(stage)
-    write_rank_file(stage_dir, strategy.rank, os.getpid())
+    write_rank_file(stage_dir, strategy.rank)
     if not strategy.is_rank0:
         _send_output_to(stage_dir.ranks / f"rank{strategy.rank}.log")
 

@@ -1,0 +1,128 @@
+"""`harness submit`: one sbatch job per stage, chained with afterok, and the jobs' states.
+
+Each job runs `harness run <plan> --out <run> --only <N>` inside its allocation: the
+same orchestrator, so validation, resume and the handoff are the same as on a
+workstation. `--single-job` runs every stage in one allocation instead.
+No torch here; SLURM is reached through sbatch and scontrol (sacct needs accounting,
+which small clusters often lack).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from string import Template
+
+from harness.exit_codes import PREEMPTED
+from harness.launch import shell_quote
+from harness.layout import RunDir
+from harness.manifest import valid_manifest
+from harness.plan import SlurmSpec
+from harness.stages import Stage
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
+
+
+@dataclass
+class Job:
+    """One rendered (and maybe submitted) batch job."""
+
+    name: str
+    script: str
+    stages: list[int]
+    job_id: str | None = None
+
+
+def sbatch_options(spec: SlurmSpec, accelerator: str, procs_per_node: int) -> list[str]:
+    """The plan's optional sbatch lines."""
+    options = []
+    for flag, value in (("partition", spec.partition), ("account", spec.account), ("qos", spec.qos), ("cpus-per-task", spec.cpus_per_task)):
+        if value is not None:
+            options.append(f"--{flag}={value}")
+    gpus = spec.gpus_per_node if spec.gpus_per_node is not None else (procs_per_node if accelerator == "cuda" else 0)
+    if gpus:
+        options.append(f"--gpus-per-node={gpus}")
+    return options + spec.extra
+
+
+def render_sbatch(*, job_name: str, what: str, nodes: int, tasks_per_node: int, accelerator: str, spec: SlurmSpec,
+                  command: list[str], workdir: Path, log: Path, stop_file: Path) -> str:
+    """The batch script of one job. Pure."""
+    return Template(TEMPLATE.read_text()).substitute(
+        job_name=job_name,
+        what=what,
+        nodes=nodes,
+        tasks_per_node=tasks_per_node,
+        time=spec.time,
+        grace_s=spec.preempt_grace_s,
+        log=log,
+        options="".join(f"#SBATCH {option}\n" for option in sbatch_options(spec, accelerator, tasks_per_node)),
+        workdir=workdir,
+        stop_file=stop_file,
+        command=shell_quote(command),
+        preempted=PREEMPTED,
+        max_requeues=spec.max_requeues,
+    )
+
+
+def render_jobs(stages: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[Job]:
+    """Write one script per unfinished stage (or one for the whole run) under <run>/slurm/."""
+    run.slurm.mkdir(parents=True, exist_ok=True)
+    harness = [sys.executable, "-m", "harness.cli", "run", str(plan_path.resolve()), "--out", str(run.root)]
+    if single_job:
+        groups = [("all", [s for s in stages], harness, "every stage of the run")]
+    else:
+        todo = [s for s in stages if valid_manifest(run.stage(s.index, s.name).manifest) is None]
+        groups = [(f"{s.index:02d}-{s.name}", [s], harness + ["--only", str(s.index)], f"stage {s.index:02d} '{s.name}'") for s in todo]
+    jobs = []
+    for name, members, command, what in groups:
+        script = run.slurm / f"{name}.sbatch"
+        script.write_text(render_sbatch(
+            job_name=f"{members[0].run_name}:{name}",
+            what=what,
+            nodes=max(s.nodes for s in members),
+            tasks_per_node=max(s.procs_per_node for s in members),
+            accelerator=members[0].accelerator,
+            spec=members[0].slurm,
+            command=command,
+            workdir=run.root,
+            log=run.slurm / f"{name}-%j.out",
+            stop_file=run.slurm / f"{name}.stop",
+        ))
+        jobs.append(Job(name, str(script), [s.index for s in members]))
+    return jobs
+
+
+def submit_jobs(jobs: list[Job], run: RunDir) -> list[Job]:
+    """sbatch each job, each depending (afterok) on the one before; record ids in <run>/slurm/jobs.json."""
+    previous = None
+    for job in jobs:
+        dependency = [f"--dependency=afterok:{previous}"] if previous else []
+        result = subprocess.run(["sbatch", "--parsable", *dependency, job.script], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch {job.script} failed: {result.stderr.strip()}")
+        job.job_id = result.stdout.strip().split(";")[0]
+        previous = job.job_id
+    (run.slurm / "jobs.json").write_text(json.dumps([asdict(j) for j in jobs], indent=2) + "\n")
+    return jobs
+
+
+def recorded_jobs(run: RunDir) -> list[Job]:
+    path = run.slurm / "jobs.json"
+    return [Job(**j) for j in json.loads(path.read_text())] if path.exists() else []
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """JobState, Reason, ExitCode, Restarts of a job from `scontrol show job`; once SLURM has
+    purged the job (MinJobAge) JobState is "PURGED"; if scontrol fails, "UNKNOWN" and its error."""
+    try:
+        result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"JobState": "UNKNOWN", "Reason": str(error), "ExitCode": "", "Restarts": ""}
+    if result.returncode != 0:
+        purged = "Invalid job id" in result.stderr
+        return {"JobState": "PURGED" if purged else "UNKNOWN", "Reason": "" if purged else result.stderr.strip()[:80], "ExitCode": "", "Restarts": ""}
+    fields = dict(f.split("=", 1) for f in result.stdout.split() if "=" in f)
+    return {k: fields.get(k, "") for k in ("JobState", "Reason", "ExitCode", "Restarts")}
