@@ -51,9 +51,9 @@ def write_plan(folder: Path, plan: dict, filename: str = "plan.yaml") -> Path:
     return path
 
 
-def harness(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+def harness(*args: str, timeout: float = 600, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the `harness` command line as a user would, in its own process."""
-    result = subprocess.run([sys.executable, "-m", "harness.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "harness.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"harness {' '.join(map(str, args))} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

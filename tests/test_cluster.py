@@ -1,0 +1,132 @@
+"""Multi-node for real, on loopback: DeepSpeed's pdsh launcher over a local sshd, and
+`harness submit` on a local 2-node SLURM cluster (slurm/local-cluster.sh): afterok chains,
+preemption with requeue and resume, a failing stage, and Ctrl-C that ends exactly our ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster import job_field, local_cluster, scancel, wait_job  # noqa: F401  (fixture)
+from conftest import FINETUNE_JSONL, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from test_multistep import alive
+from test_resume import wait_for
+
+
+def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts: list[str]) -> dict:
+    plan = make_plan(name, phases, port=port, procs=1)
+    plan["cluster"].update({"launcher": launcher, "nodes": 2})
+    if launcher == "pdsh":
+        plan["cluster"]["hosts"] = hosts
+    plan["slurm"] = {"time": "00:15:00", "preempt_grace_s": 30}
+    return plan
+
+
+def two_stages() -> list[dict]:
+    return [pretrain_phase("pre", steps=4, zero_stage=2), finetune_phase("sft", steps=4, zero_stage=3)]
+
+
+def submitted_jobs(out: Path) -> list[str]:
+    return [job["job_id"] for job in json.loads((out / "slurm" / "jobs.json").read_text())]
+
+
+def rank_records(stage_dir: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in (stage_dir / "ranks").glob("rank*.json")), key=lambda r: r["rank"])
+
+
+def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
+    plan = two_node_plan("pdsh", "pdsh", 29710, two_stages(), local_cluster.hosts)
+    out = tmp_path / "run"
+    harness("run", write_plan(tmp_path, plan), "--out", out, check=True, env=local_cluster.env())
+    pre, sft = manifests(out)
+    assert sft["start_weights_digest"] == pre["weights_digest"] and sft["global_step_end"] == 8
+    for stage_dir in sorted((out / "phases").iterdir()):
+        ranks = rank_records(stage_dir)
+        assert [(r["rank"], r["node_rank"], r["address"]) for r in ranks] == [(0, 0, "127.0.0.1"), (1, 1, "127.0.0.2")]
+        env_file = (stage_dir / ".deepspeed_env").read_text()
+        assert "DS_ACCELERATOR=cpu" in env_file and "\n\n" not in env_file
+
+
+def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_path):
+    env = local_cluster.env()
+    plan = two_node_plan("chain", "slurm", 29720, two_stages(), local_cluster.hosts)
+    out = tmp_path / "run"
+    harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
+    first, second = submitted_jobs(out)
+    assert job_field(second, "Dependency", env=env).startswith(f"afterok:{first}")
+    assert wait_job(first, 240, env=env) == "COMPLETED"
+    assert wait_job(second, 240, env=env) == "COMPLETED"
+    assert job_field(second, "StartTime", env=env) >= job_field(first, "EndTime", env=env)
+    pre, sft = manifests(out)
+    assert sft["start_weights_digest"] == pre["weights_digest"]
+    for stage_dir in sorted((out / "phases").iterdir()):
+        assert [r["slurm_node"] for r in rank_records(stage_dir)] == ["n1", "n2"]
+    status = harness("status", out, check=True, env=env).stdout
+    assert status.count("COMPLETED") == 2 and status.count("done") == 2
+
+
+def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_path):
+    env = local_cluster.env()
+    steps = 300
+    plan = two_node_plan("preempt", "slurm", 29730, [pretrain_phase("long", steps=steps, checkpoint_every=10), finetune_phase("next", steps=4)], local_cluster.hosts)
+    out = tmp_path / "run"
+    harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
+    first, second = submitted_jobs(out)
+    stage = out / "phases" / "00-long"
+    wait_for(lambda: (stage / "checkpoints" / "latest").exists(), 240, "a first checkpoint")
+    scancel("--signal=USR1", "--batch", first, env=env)
+
+    assert wait_job(first, 300, env=env) == "COMPLETED"
+    assert job_field(first, "Restarts", env=env) == "1"
+    assert wait_job(second, 240, env=env) == "COMPLETED"
+    assert job_field(second, "StartTime", env=env) >= job_field(first, "EndTime", env=env)
+    log = next((out / "slurm").glob("00-long-*.out")).read_text()
+    assert "[sbatch] requeue" in log and "exit code 75" in log
+    long, after = manifests(out)
+    assert long["stage_steps"] == steps and after["global_step_end"] == steps + 4
+    assert [r["stage_step"] for r in metric_rows(stage)] == list(range(1, steps + 1)), "no step lost or repeated"
+    tags = sorted(int(p.name.removeprefix("step")) for p in (stage / "checkpoints").glob("step*"))
+    assert any(t % 10 for t in tags), "the preemption saved a checkpoint off the regular interval"
+
+
+def test_failing_stage_cancels_its_dependants_and_status_says_so(local_cluster, tmp_path):
+    env = local_cluster.env()
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text("".join(line.replace('"response"', '"answer"') + "\n" for line in FINETUNE_JSONL.read_text().splitlines()[:100]))
+    phases = [finetune_phase("sft", steps=3, data={"files": [str(broken)]}), pretrain_phase("later", steps=3)]
+    out = tmp_path / "run"
+    harness("submit", write_plan(tmp_path, two_node_plan("fails", "slurm", 29740, phases, local_cluster.hosts)), "--out", out, check=True, env=env)
+    first, second = submitted_jobs(out)
+    assert wait_job(first, 240, env=env) == "FAILED"
+    assert wait_job(second, 60, env=env) == "CANCELLED"
+    assert job_field(second, "Reason", env=env) == "DependencyNeverSatisfied"
+    assert not (out / "phases" / "01-later" / "ranks").exists(), "the dependant never ran"
+    status = harness("status", out, check=True, env=env).stdout
+    assert "FAILED" in status and "CANCELLED (DependencyNeverSatisfied)" in status
+
+
+def test_ctrl_c_on_a_multinode_run_ends_every_rank_and_only_them(local_cluster, tmp_path):
+    plan = two_node_plan("ctrlc", "pdsh", 29750, [pretrain_phase("long", steps=2000, checkpoint_every=10)], local_cluster.hosts)
+    out = tmp_path / "run"
+    stage = out / "phases" / "00-long"
+    # Looks like our ranks to `pkill -f` (DeepSpeed's pdsh runner cleanup): must survive.
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "harness.worker", "--stage", str(stage / "stage.json")])
+    run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", write_plan(tmp_path, plan), "--out", out],
+                           cwd=REPO, env=local_cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (stage / "checkpoints" / "latest").exists(), 240, "a first checkpoint")
+        ranks = rank_records(stage)
+        pids = [pid for r in ranks for pid in (r["pid"], r["launcher_pid"])]
+        assert len(ranks) == 2 and all(alive(pid) for pid in pids)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=90)
+        assert run.returncode == 130, stderr
+        wait_for(lambda: not any(alive(pid) for pid in pids), 10, "every rank and per-node launcher to end")
+        assert alive(decoy.pid)
+    finally:
+        decoy.kill()
+        decoy.wait()
+        run.kill()
