@@ -1,9 +1,10 @@
 # Source this on the lent GPU machine, from the repo root: it installs what that image lacks
 # from wheels carried in .whl/ (DeepSpeed as an sdist, built without ops: they JIT-build),
 # then exports the paths the harness and the benchmarks need. See bench/RESULTS.md.
-if [ ! -d /tmp/site/deepspeed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || return 1
-  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site .whl/deepspeed-*.tar.gz || return 1
+# One pip call: a second one into the same --target skips bin/ (and with it the `deepspeed` launcher).
+if [ ! -x /tmp/site/bin/deepspeed ]; then
+  DS_BUILD_OPS=0 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl .whl/deepspeed-*.tar.gz || return 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=/tmp/torch-ext WANDB_MODE=disabled PYTHONUNBUFFERED=1

@@ -138,6 +138,8 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
             run = wandb.run
             if run is None:
                 raise RuntimeError("DeepSpeed's wandb monitor is enabled but no W&B run is active")
+            if run.disabled:  # WANDB_MODE=disabled reached DeepSpeed's wandb.init
+                return NullMonitor()
             run.config.update(config, allow_val_change=True)
             run.name = stage.name
             own_steps = False

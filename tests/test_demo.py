@@ -1,0 +1,26 @@
+"""The embedded default, as a user runs it: `harness demo` on CPU, offline."""
+from __future__ import annotations
+
+import json
+
+from conftest import harness
+
+
+def test_demo_trains_every_phase_kind_and_says_where_the_model_is(tmp_path):
+    out = tmp_path / "demo"
+    result = harness("demo", "--out", out, check=True)
+    stage_dirs = sorted((out / "phases").iterdir())
+    names = [d.name.split("-", 1)[1] for d in stage_dirs]
+    assert names[:2] == ["pretrain", "finetune"] and all(n.startswith("refine.c") for n in names[2:]) and len(names) == 8
+    records = [json.loads((d / "manifest.json").read_text()) for d in stage_dirs]
+    assert [(m["kind"], m["zero_stage"], m["world_size"]) for m in records[:2]] == [("pretrain", 2, 2), ("finetune", 3, 2)]
+    assert {m["engine_optimizer"] for m in records[2:]} == {"SGD", "AdamW"}
+    assert records[0]["eval"]["eval/loss"] < 4.0, "pretraining learned something: a byte model starts near ln(259) = 5.6"
+
+    final = stage_dirs[-1] / "model"
+    assert f"AutoModelForCausalLM.from_pretrained('{final}')" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "llama"
+    rerun = harness("demo", "--out", out, check=True)
+    assert rerun.stdout.count("done, skipped") == 8
