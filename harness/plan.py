@@ -8,7 +8,6 @@ No torch here: the orchestrator imports this.
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +38,6 @@ OPTIMIZER_PARAMS = {
 }
 # DeepSpeed 0.19.8: Lamb and Lion (without offload) fail on CPU.
 CPU_UNSUPPORTED_OPTIMIZERS = {"Lamb", "Lion"}
-BUILTIN_MODELS = ("tiny-llama", "small-llama")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 
 
@@ -504,7 +502,3 @@ def load_plan(path: str | Path) -> Plan:
     except yaml.YAMLError as error:
         raise PlanError([("<file>", str(path), f"valid YAML ({error})")]) from None
     return parse_plan(raw, path.parent)
-
-
-def is_valid_name(name: str) -> bool:
-    return re.match(NAME_PATTERN, name) is not None
