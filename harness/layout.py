@@ -14,6 +14,7 @@
         manifest.json           written last, atomically: the stage is done when it is valid
         ranks/                  one file per rank: host and pid, for cleanup and checks
       slurm/                    rendered sbatch scripts and job ids (harness submit)
+      wandb/, wandb_id.txt      W&B files and the run's W&B key (one W&B run per stage)
       cache/                    tokenized data cache
 """
 from __future__ import annotations

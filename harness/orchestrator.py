@@ -29,6 +29,7 @@ from harness.layout import RunDir, StageDir
 from harness.manifest import valid_manifest
 from harness.plan import DataSpec, Plan, PlanError, load_plan
 from harness.stages import Stage, eval_size, expand_stages
+from harness.wandb_mode import resolve_mode
 
 
 
@@ -232,7 +233,7 @@ def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
     port = free_port(_first_port(stage))
     argv = launcher_command(stage, stage_dir, master_addr, port, deepspeed_binary(sys.executable), hostfile)
     stage_dir.command.write_text(shell_quote(argv) + "\n")
-    rank_env = rank_environment(stage, dict(os.environ), master_addr, port)
+    rank_env = {**rank_environment(stage, dict(os.environ), master_addr, port), "WANDB_MODE": resolve_mode(stage.wandb.mode)}
     env_file = stage_dir.root / ".deepspeed_env"
     env_file.write_text(deepspeed_env_file(rank_env))
     shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt

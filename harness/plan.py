@@ -301,7 +301,8 @@ class WandbSpec(Strict):
     """Weights & Biases logging: one W&B run per stage, all in one group."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto: online when an API key is configured, else offline."""
+    """auto: WANDB_MODE if set, else online when an API key is configured (WANDB_API_KEY or
+    `wandb login`), else offline."""
     project: str = "harness"
     entity: str | None = None
     group: str | None = None

@@ -103,6 +103,14 @@ def test_committed_ds_configs_match_what_the_example_plans_generate(plan: Path):
     assert committed == generated, f"ds_configs/{plan.stem} drifted: run `harness configs plans/*.yaml`"
 
 
+def test_the_launch_side_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, harness.cli, harness.orchestrator, harness.slurm, harness.report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_multistep_is_rejected_until_its_stages_are_given():
     with pytest.raises(PlanError, match="multistep phase needs"):
         stages_of([{"name": "m", "kind": "multistep", "data": {"files": ["x"]}, "steps": 3}])

@@ -17,7 +17,8 @@ from harness.layout import RunDir
 from harness.orchestrator import count_train_rows
 from harness.plan import load_plan
 from harness.stages import expand_stages
-from harness.worker.monitor import KEY_FILE, NullMonitor, WandbMonitor, resolve_mode, start_monitor
+from harness.wandb_mode import resolve_mode
+from harness.worker.monitor import KEY_FILE, NullMonitor, WandbMonitor, start_monitor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import offline_runs, read_run  # noqa: E402
@@ -37,7 +38,7 @@ def two_phase_run(tmp_path_factory) -> Path:
     plan = make_plan("wbtwo", [
         pretrain_phase("pretrain", zero_stage=2, checkpoint_every=3, eval_every=3),
         finetune_phase("finetune", zero_stage=0, procs_per_node=1, eval_every=3),
-    ], port=29700, wandb=OFFLINE)
+    ], port=29810, wandb=OFFLINE)
     out = folder / "run"
     harness("run", write_plan(folder, plan), "--out", out, check=True)
     return out
@@ -99,7 +100,7 @@ def test_resumed_stage_continues_its_run(two_phase_run):
 
 def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch):
     """A real wandb error on rank 0 (its settings reject the base URL): one warning, a full stage."""
-    plan = make_plan("wbfail", [pretrain_phase("pretrain", steps=3, zero_stage=0)], port=29720, procs=1, wandb=OFFLINE)
+    plan = make_plan("wbfail", [pretrain_phase("pretrain", steps=3, zero_stage=0)], port=29820, procs=1, wandb=OFFLINE)
     monkeypatch.setenv("WANDB_BASE_URL", "not a url")
     result = harness("run", write_plan(tmp_path, plan), "--out", tmp_path / "run", check=True)
     warnings = [line for line in result.stdout.splitlines() if line.startswith(WARNING)]
@@ -113,7 +114,7 @@ def test_deepspeed_wandb_monitor_is_adopted(tmp_path, monkeypatch):
     """DeepSpeed's own wandb block opens a run in deepspeed.initialize; ours goes into it: one run."""
     ds_wandb = {"wandb": {"enabled": True, "project": "harness-test", "group": "ds-group"}}
     plan = make_plan("wbds", [pretrain_phase("pretrain", steps=4, zero_stage=0, deepspeed=ds_wandb)],
-                     port=29730, procs=1, wandb=OFFLINE)
+                     port=29830, procs=1, wandb=OFFLINE)
     monkeypatch.setenv("WANDB_MODE", "offline")  # DeepSpeed's wandb.init takes its mode from the env
     out = tmp_path / "run"
     harness("run", write_plan(tmp_path, plan), "--out", out, check=True)

@@ -21,16 +21,14 @@ stage manifest) and log_model(path).
 from __future__ import annotations
 
 import json
-import netrc
-import os
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from harness.layout import RunDir, StageDir
 from harness.stages import Stage
+from harness.wandb_mode import resolve_mode
 from harness.worker.metrics import NullMetrics
 
 # Dense bf16/fp16 tensor-core peak per GPU, for the MFU estimate (by device name).
@@ -169,29 +167,6 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
     except Exception as error:  # ImportError, wandb's UsageError/CommError, OSError, ...
         warn(stage, error)
         return NullMonitor()
-
-
-def resolve_mode(mode: str, env: dict[str, str] | None = None) -> str:
-    """The plan's mode; 'auto' is WANDB_MODE when set, else online with an API key, else offline."""
-    env = os.environ if env is None else env
-    if mode != "auto":
-        return mode
-    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
-        return env["WANDB_MODE"]
-    return "online" if api_key_configured(env) else "offline"
-
-
-def api_key_configured(env: dict[str, str]) -> bool:
-    """WANDB_API_KEY is set, or the netrc file (what `wandb login` writes) has the W&B host."""
-    if env.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    path = env.get("NETRC") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".netrc")
-    try:
-        entry = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
 
 
 def run_key(run_dir: RunDir) -> str:

@@ -71,13 +71,17 @@ def run_stage(stage_file: Path) -> None:
     metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
     try:
         last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop, regularizer)
-    finally:
+    except BaseException:
         metrics.close()
+        raise
     if last_eval is None:
+        metrics.close()
         strategy.exit(PREEMPTED)
     engine_optimizer = type(getattr(strategy.engine.optimizer, "optimizer", strategy.engine.optimizer)).__name__
     extra = {"engine_optimizer": engine_optimizer, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
+    monitor.log_model(stage_dir.model)
+    metrics.close()
     if strategy.is_rank0:
         print(f"[harness] stage {stage.name} done: step {progress.global_step}, eval {last_eval}", flush=True)
     strategy.exit(0)
