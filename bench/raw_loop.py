@@ -6,6 +6,9 @@ shape) and ds_config.json. What stays the same as the harness worker: the model 
 harness.worker.model), the DeepSpeed config, packed blocks of seq_len tokens, the micro batch
 and accumulation. What is left out: eval, checkpoints, the handoff, metrics beyond one JSON
 line per step, and every sync except one `loss.item()` per step (it ends the timed work).
+Two flags add back what the worker does differently, to find where a gap comes from:
+--attention-mask passes the all-ones mask of packed blocks, --sync-micro-step reads each
+micro step's loss (a device sync) before engine.step().
 
     deepspeed ... bench/raw_loop.py --stage S/stage.json --ds-config S/ds_config.json --steps 30 --metrics m.jsonl
 """
@@ -39,6 +42,8 @@ def main() -> None:
     parser.add_argument("--ds-config", type=Path, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--metrics", type=Path, required=True, help="rank 0 writes one JSON line per step here")
+    parser.add_argument("--attention-mask", action="store_true", help="pass an all-ones attention_mask, as the worker does")
+    parser.add_argument("--sync-micro-step", action="store_true", help="loss.item() after each backward, before engine.step(), as the worker does")
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher")
     args = parser.parse_args()
 
@@ -62,8 +67,11 @@ def main() -> None:
         for a in range(accum):
             first = (((step - 1) * accum + a) * world + rank) * micro % (len(blocks) - micro)
             ids = torch.from_numpy(blocks[first : first + micro]).to(device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            mask = {"attention_mask": torch.ones_like(ids)} if args.attention_mask else {}
+            loss = engine(input_ids=ids, labels=ids, **mask).loss
             engine.backward(loss)
+            if args.sync_micro_step:
+                loss.item()
         engine.step()
         loss_value = loss.item()
         elapsed = time.perf_counter() - started

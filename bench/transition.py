@@ -109,7 +109,7 @@ def main() -> None:
     relaunch_h = harness["relaunch: launcher -> ranks ready"]
     relaunch_b = total_b - bare["exit"]
     rows = [[name, f"{harness[name]:.2f}", what] for name, what in HARNESS_PARTS]
-    rows += [["harness total", f"{total_h:.2f}", f"{rounds[0]['load_mode']}, checkpoint {rounds[0]['checkpoint_bytes'] / 1e9:.2f} GB"]]
+    rows += [["harness total", f"{total_h:.2f}", f"{rounds[0]['load_mode']}, checkpoint {rounds[0]['checkpoint_bytes'] / 1e6:,.0f} MB"]]
     rows += [[f"bare: {name}", f"{value:.2f}", "noop_rank.py"] for name, value in bare.items()]
     rows += [["bare total", f"{total_b:.2f}", "launcher start -> launcher exit"]]
     print()

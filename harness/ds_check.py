@@ -1,5 +1,5 @@
 """Child process of `ds_config.validate_with_deepspeed`: runs DeepSpeed's own config
-class on each config (JSON list on stdin) and prints a JSON list of problems.
+class on each config (JSON list on stdin) and prints a JSON list of [config index, problem].
 
 DeepSpeed rejects unknown keys inside its blocks, but silently ignores unknown
 TOP-LEVEL keys (0.19.8); we record which keys it reads and report the rest.
@@ -47,8 +47,7 @@ def problems_of(config: dict) -> list[str]:
 
 def main() -> None:
     configs = json.load(sys.stdin)
-    report = [f"[{i}] {problem}" for i, config in enumerate(configs) for problem in problems_of(config)]
-    print(json.dumps(report))
+    print(json.dumps([[i, problem] for i, config in enumerate(configs) for problem in problems_of(config)]))
 
 
 if __name__ == "__main__":

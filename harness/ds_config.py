@@ -124,9 +124,9 @@ def _auto_paths(value: Any, path: str) -> list[str]:
     return []
 
 
-def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[str]:
+def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[tuple[int, str]]:
     """Run DeepSpeed's own config class on each config in a child process (it imports torch).
-    Returns one message per problem, prefixed with the config's index."""
+    Returns (index of the config, problem) pairs."""
     result = subprocess.run(
         [sys.executable, "-m", "harness.ds_check"],
         input=json.dumps(configs),
@@ -136,7 +136,7 @@ def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[str]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"the DeepSpeed config check crashed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return [(index, problem) for index, problem in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
 def _quiet_env() -> dict[str, str]:

@@ -32,7 +32,6 @@ from harness.stages import Stage, eval_size, expand_stages
 from harness.wandb_mode import resolve_mode
 
 
-
 @dataclass
 class RunSetup:
     """A validated plan, its stages and their DeepSpeed configs, bound to an output folder."""
@@ -89,9 +88,7 @@ def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dic
     problems = []
     for stage, config in zip(stages, configs):
         problems += [(f"stage '{stage.name}' deepspeed config", config.get("train_batch_size"), p) for p in check_ds_config(config, stage.world_size)]
-    for message in validate_with_deepspeed(configs):
-        index = int(message[1 : message.index("]")])
-        problems.append((f"stage '{stages[index].name}' deepspeed", None, message[message.index("]") + 2 :]))
+    problems += [(f"stage '{stages[index].name}' deepspeed", None, problem) for index, problem in validate_with_deepspeed(configs)]
     if problems:
         raise PlanError(problems)
     return plan, stages, configs
