@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 a stage failed (message names it and its log), 2 bad input
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def cmd_run(args) -> int:
     from harness.orchestrator import prepare, run_stages
 
     setup = prepare(args.plan, args.out, force=args.force)
+    if setup.plan.cluster.launcher == "slurm" and "SLURM_JOB_NODELIST" not in os.environ:
+        raise PlanError([("cluster.launcher", "slurm", "runs inside a SLURM allocation: use `harness submit`, or run under salloc/sbatch")])
     run_stages(setup, only=args.only)
     return 0
 

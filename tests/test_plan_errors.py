@@ -3,6 +3,7 @@ nothing written, nothing launched."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,15 @@ def test_a_changed_plan_is_refused_for_an_existing_run_unless_forced(tmp_path: P
     assert (out / "phases" / "00-pre" / "ds_config.json").read_text() == before
     assert harness("plan", plan_path, "--out", out, "--force").returncode == 0
     assert '"train_micro_batch_size_per_gpu": 2' in (out / "phases" / "00-pre" / "ds_config.json").read_text()
+
+
+def test_slurm_launcher_outside_an_allocation_is_refused_before_anything_is_written(tmp_path: Path):
+    plan = good_plan()
+    plan["cluster"]["launcher"] = "slurm"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_JOB")}
+    result = harness("run", write_plan(tmp_path, plan), "--out", tmp_path / "run", env=env)
+    assert result.returncode == 2 and "cluster.launcher: 'slurm' -> runs inside a SLURM allocation" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_plan_file_and_broken_yaml(tmp_path: Path):
