@@ -24,9 +24,8 @@ def held_out_loss(strategy: DeepSpeedStrategy, data: TokenizedSet, micro: int, m
     total, count = 0.0, 0.0
     strategy.module.eval()
     for batch, counts in eval_batches(data, micro, max_batches, strategy.rank, strategy.world_size):
-        batch = {k: v.to(strategy.device) for k, v in batch.items()}
-        logits = strategy.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        logits = strategy.logits(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"][:, 1:].to(logits.device)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         if counts:
             total += loss.item()
@@ -61,7 +60,7 @@ def _greedy(strategy: DeepSpeedStrategy, tokenizer, prompt: str, new_tokens: int
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=strategy.device)
     out: list[int] = []
     for _ in range(new_tokens):
-        next_id = strategy.engine(input_ids=ids).logits[0, -1].argmax().item()
+        next_id = strategy.logits(ids)[0, -1].argmax().item()
         out.append(next_id)
         ids = torch.cat([ids, torch.tensor([[next_id]], device=strategy.device)], dim=1)
     eos = tokenizer.eos_token_id

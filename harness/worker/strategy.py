@@ -55,8 +55,21 @@ class DeepSpeedStrategy:
         self.engine.backward(loss if extra is None else loss + extra)
         return loss.detach()
 
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward without gradients (evaluation, generation); collective under ZeRO-3."""
+        inputs = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask.to(self.device)
+        return self.engine(**inputs).logits
+
     def optimizer_step(self) -> None:
         self.engine.step()
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer doing the update (ZeRO and bf16 wrap it in `.optimizer`)."""
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -100,7 +113,7 @@ class DeepSpeedStrategy:
         """Digest of every rank's optimizer state tensors (Adam moments, SGD momentum, ...), in
         rank order; 'empty' before any step. Layout-dependent (flat ZeRO partitions), which is
         enough: moments are only carried between identical layouts."""
-        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        base = self.base_optimizer
         local = hashlib.sha256()
         tensors = 0
         for group in base.param_groups:

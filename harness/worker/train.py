@@ -77,8 +77,7 @@ def run_stage(stage_file: Path) -> None:
     if last_eval is None:
         metrics.close()
         strategy.exit(PREEMPTED)
-    engine_optimizer = type(getattr(strategy.engine.optimizer, "optimizer", strategy.engine.optimizer)).__name__
-    extra = {"engine_optimizer": engine_optimizer, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
+    extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
     monitor.log_model(stage_dir.model)
     metrics.close()
