@@ -1,6 +1,6 @@
 """What both benchmarks share: plan writing, running the harness, starting a script with the
-very launcher command and rank environment the harness used for a stage, timing lines of
-growing files, the 370M model folder, tables and result files.
+very launcher command and rank environment the harness used for a stage, timing files as
+they appear and grow, the 370M model folder, tables and result files.
 
 The benchmark processes themselves never import torch or DeepSpeed (only the scripts they
 launch do), so they add no load to the machine while something is measured.
@@ -127,21 +127,23 @@ def free_port(start: int) -> int:
     raise RuntimeError(f"no free port in {start}..{start + 199}")
 
 
-# ---- timing lines of growing files --------------------------------------------------------
-class LineClock:
-    """Wall time at which each line of some files appeared. Metrics rows carry no time of
-    their own, so a thread polls the files' sizes every few milliseconds (a stat call: no
-    measurable load) and stamps each new complete line."""
+# ---- timing files as they appear and grow -------------------------------------------------
+class FileClock:
+    """Wall time at which some files appeared (`appeared`) and each of their lines did
+    (`stamps`). Metrics rows carry no time of their own, and file mtimes can be too coarse
+    (whole seconds on the GPU machine's disk), so a thread polls the files every few
+    milliseconds (a stat call: no measurable load) and stamps what is new."""
 
     def __init__(self, paths: list[Path], interval_s: float = 0.005):
         self.paths = paths
         self.interval_s = interval_s
+        self.appeared: dict[Path, float] = {}
         self.stamps: dict[Path, list[float]] = {p: [] for p in paths}
         self._read: dict[Path, int] = {p: 0 for p in paths}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> LineClock:
+    def __enter__(self) -> FileClock:
         self._thread.start()
         return self
 
@@ -156,6 +158,7 @@ class LineClock:
                     size = path.stat().st_size
                 except FileNotFoundError:
                     continue
+                self.appeared.setdefault(path, time.time())
                 if size > self._read[path]:
                     now = time.time()
                     with open(path, "rb") as f:

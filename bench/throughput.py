@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 import common
-from common import BENCH, LineClock, RunDir, fill_defaults, launch_like_stage, read_rows, run_harness, throughput, write_plan
+from common import BENCH, FileClock, RunDir, fill_defaults, launch_like_stage, read_rows, run_harness, throughput, write_plan
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM
 
@@ -44,7 +44,7 @@ def main() -> None:
         plan = write_plan(work / f"harness-r{r}", "bench-throughput", args, [{"name": "train", "steps": args.steps}], port=29500 + 20 * r)
         out = work / f"harness-r{r}" / "run"
         stage = RunDir(out).stage(0, "train")
-        with LineClock([stage.metrics]) as clock:
+        with FileClock([stage.metrics]) as clock:
             run_harness(plan, out)
         harness = throughput(read_rows(stage.metrics), clock.stamps[stage.metrics], args.warmup, tokens_per_step)
         template = template or stage
@@ -53,7 +53,7 @@ def main() -> None:
         raw_dir = work / f"raw-r{r}"
         raw_dir.mkdir()
         metrics = raw_dir / "metrics.jsonl"
-        with LineClock([metrics]) as clock:
+        with FileClock([metrics]) as clock:
             launch_like_stage(template, BENCH / "raw_loop.py",
                               ["--stage", str(template.stage_json), "--ds-config", str(template.ds_config), "--steps", str(args.steps), "--metrics", str(metrics)],
                               raw_dir / "launcher.log", port_from=29800 + 20 * r)

@@ -4,16 +4,18 @@ split into parts, beside a bare relaunch of the same launcher (the baseline, sam
 Each round runs a two-phase plan with `python -m harness.cli run` (both phases alike, so
 phase 2 takes the full_state path: DeepSpeed checkpoint with optimizer moments), then
 bench/noop_rank.py under phase 2's exact launcher command. The harness is not changed or
-instrumented: the parts come from what it writes anyway, all on this machine's wall clock:
+instrumented: each part ends at a moment the harness leaves behind anyway, on this machine's
+wall clock. Moments marked * are seen by polling (common.FileClock), since file mtimes can
+be whole seconds; the others are times the harness writes itself.
 
-  end of training  phase 1 metrics.jsonl mtime (its last row, after the final eval)
-  DeepSpeed ckpt   newest file under phase 1 checkpoints/
-  HF model         newest file under phase 1 model/    (full-weight gather + safetensors)
-  manifest         phase 1 manifest.json mtime         (checksums of model/ + atomic write)
-  launcher start   phase 2 .deepspeed_env mtime        (written just before the launcher starts)
-  ranks ready      phase 2 ranks/rank0.json "time"     (after imports and process-group init)
-  loaded           phase 2 started.json "time"         (model, data, initialize, checkpoint load, digests)
-  first step       arrival of phase 2's first metrics row (LineClock)
+  end of training   * phase 1's last metrics row (written after the final eval)
+  DeepSpeed ckpt    * checkpoints/latest appears (DeepSpeed writes it after the checkpoint)
+  HF write starts   * model/model.safetensors appears (weights gathered, digests taken)
+  manifest            manifest.json "finished" (safetensors written, model/ checksummed)
+  launcher start    * phase 2's .deepspeed_env appears (written just before the launcher starts)
+  ranks ready         phase 2 ranks/rank0.json "time" (imports done, process group up)
+  loaded              phase 2 started.json "time" (model, data, initialize, checkpoint load, digests)
+  first step        * phase 2's first metrics row
 
     python bench/transition.py                                  # CPU: tiny-llama, 2 ranks, ZeRO-2
     python bench/transition.py --accelerator cuda --rounds 1    # 1 GPU, bf16, ~370M Llama
@@ -26,13 +28,13 @@ import statistics
 from pathlib import Path
 
 import common
-from common import BENCH, LineClock, RunDir, StageDir, fill_defaults, launch_like_stage, run_harness, write_plan
+from common import BENCH, FileClock, RunDir, StageDir, fill_defaults, launch_like_stage, run_harness, write_plan
 
-# (name, what it covers) in time order; each part ends at its own timestamp.
+# (name, what it covers) in time order; each part ends at the next moment of the docstring.
 HARNESS_PARTS = [
     ("save: DeepSpeed checkpoint", "engine.save_checkpoint"),
-    ("save: HF model", "full-weight gather, digests, safetensors"),
-    ("save: manifest", "sha256 of model/, atomic write"),
+    ("save: gather + digests", "full fp32 weights, weight and optimizer-state digests"),
+    ("save: HF write + checksums", "model.safetensors, sha256 of model/ for the manifest"),
     ("exit + orchestrator", "barrier, exit, launcher exit, manifest re-check, next launch"),
     ("relaunch: launcher -> ranks ready", "launcher, imports, process group"),
     ("load", "manifest check, model, data, initialize, checkpoint load, digests"),
@@ -40,21 +42,22 @@ HARNESS_PARTS = [
 ]
 
 
-def newest_mtime(folder: Path) -> float:
-    return max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file())
+def watched(first: StageDir, second: StageDir) -> list[Path]:
+    """The files whose appearance or lines mark the moments."""
+    return [first.metrics, first.checkpoints / "latest", first.model / "model.safetensors", second.root / ".deepspeed_env", second.metrics]
 
 
-def harness_parts(first: StageDir, second: StageDir, first_row_arrival: float) -> dict[str, float]:
-    """Seconds per part of the transition from `first` to `second`, from the files they hold."""
+def harness_parts(first: StageDir, second: StageDir, clock: FileClock) -> dict[str, float]:
+    """Seconds per part of the transition from `first` to `second`."""
     marks = [
-        first.metrics.stat().st_mtime,
-        newest_mtime(first.checkpoints),
-        newest_mtime(first.model),
-        first.manifest.stat().st_mtime,
-        (second.root / ".deepspeed_env").stat().st_mtime,
+        clock.stamps[first.metrics][-1],
+        clock.appeared[first.checkpoints / "latest"],
+        clock.appeared[first.model / "model.safetensors"],
+        json.loads(first.manifest.read_text())["finished"],
+        clock.appeared[second.root / ".deepspeed_env"],
         json.loads((second.ranks / "rank0.json").read_text())["time"],
         json.loads((second.root / "started.json").read_text())["time"],
-        first_row_arrival,
+        clock.stamps[second.metrics][0],
     ]
     return {name: end - start for (name, _), start, end in zip(HARNESS_PARTS, marks, marks[1:])}
 
@@ -85,9 +88,9 @@ def main() -> None:
                           [{"name": "first", "steps": args.steps}, {"name": "second", "steps": args.steps}], port=29500 + 20 * r)
         run = RunDir(work / f"harness-r{r}" / "run")
         first, second = run.stage(0, "first"), run.stage(1, "second")
-        with LineClock([second.metrics]) as clock:
+        with FileClock(watched(first, second)) as clock:
             run_harness(plan, run.root)
-        parts = harness_parts(first, second, clock.stamps[second.metrics][0])
+        parts = harness_parts(first, second, clock)
         load_mode = json.loads(second.manifest.read_text())["load"]["mode"]
         checkpoint_bytes = sum(p.stat().st_size for p in first.checkpoints.rglob("*") if p.is_file())
 

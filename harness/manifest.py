@@ -106,3 +106,12 @@ def valid_manifest(path: Path) -> dict[str, Any] | None:
         return read_manifest(path)
     except InvalidManifest:
         return None
+
+
+def manifest_written(path: Path) -> bool:
+    """A complete manifest exists (without re-hashing the files it lists: cheap)."""
+    try:
+        read_manifest(path, verify_files=False)
+    except InvalidManifest:
+        return False
+    return True

@@ -26,7 +26,7 @@ from harness.exit_codes import PREEMPTED
 from harness.ds_config import check_ds_config, get_train_ds_config, validate_with_deepspeed
 from harness.launch import deepspeed_binary, deepspeed_env_file, hostfile_hosts, hostfile_text, launcher_command, rank_environment, shell_quote
 from harness.layout import RunDir, StageDir
-from harness.manifest import valid_manifest
+from harness.manifest import manifest_written, valid_manifest
 from harness.plan import DataSpec, Plan, PlanError, load_plan
 from harness.stages import Stage, eval_size, expand_stages
 from harness.wandb_mode import resolve_mode
@@ -136,7 +136,7 @@ def write_setup(setup: RunSetup) -> list[list[str]]:
         stage_dir = run.stage(stage.index, stage.name)
         argv = launcher_command(stage, stage_dir, stage.cluster.master_addr, _first_port(stage), deepspeed_binary(sys.executable), _hostfile_path(stage, stage_dir))
         commands.append(argv)
-        if valid_manifest(stage_dir.manifest) is None:
+        if not manifest_written(stage_dir.manifest):
             stage_dir.root.mkdir(parents=True, exist_ok=True)
             stage_file = {"stage": stage.model_dump(mode="json"), "previous": str(previous.root) if previous else None, "run_dir": str(run.root)}
             stage_dir.stage_json.write_text(json.dumps(stage_file, indent=2) + "\n")

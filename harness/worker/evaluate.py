@@ -24,7 +24,7 @@ def held_out_loss(strategy: DeepSpeedStrategy, data: TokenizedSet, micro: int, m
     total, count = 0.0, 0.0
     strategy.module.eval()
     for batch, counts in eval_batches(data, micro, max_batches, strategy.rank, strategy.world_size):
-        logits = strategy.logits(batch["input_ids"], batch["attention_mask"])
+        logits = strategy.logits(batch["input_ids"], batch.get("attention_mask"))
         labels = batch["labels"][:, 1:].to(logits.device)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         if counts:

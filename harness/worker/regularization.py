@@ -26,13 +26,16 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
 class NoRegularizer:
     """Stand-in when no penalty is configured."""
 
-    last: dict[str, float] = {}
-
     def loss_term(self):
         return None
 
     def apply_to_gradients(self) -> None:
         pass
+
+    @property
+    def last(self) -> dict[str, float]:
+        """Penalties of the last step, for the metrics row."""
+        return {}
 
     def values(self) -> dict[str, float]:
         return {}
@@ -46,17 +49,17 @@ class Regularizer(NoRegularizer):
         self.sharded = strategy.stage.settings.zero_stage == 3
         # Biases and norm weights (1-D) are left alone unless asked.
         self.params = [p for p in strategy.module.parameters() if spec.include_1d or len(_full_shape(p)) >= 2]
-        self.last: dict[str, float] = {}
+        self._sums = (torch.zeros(()), torch.zeros(()))
+        """sum|w| and sum w^2 of the last step: device tensors, read only when logged."""
 
     def _weights(self) -> list[torch.Tensor]:
         """Full weights (ZeRO 0-2, autograd-connected) or this rank's fp32 shards (ZeRO-3)."""
         return [safe_get_local_fp32_param(p) for p in self.params] if self.sharded else self.params
 
-    def _record(self, l1_sum: float, l2_sum: float) -> dict[str, float]:
-        if self.sharded:
-            l1_sum, l2_sum = self.strategy.all_reduce_sum([l1_sum, l2_sum])
-        self.last = {"train/l1_penalty": self.l1 * l1_sum, "train/l2_penalty": self.l2 * l2_sum}
-        return self.last
+    @property
+    def last(self) -> dict[str, float]:
+        l1_sum, l2_sum = self.strategy.all_reduce_sum(list(self._sums)) if self.sharded else (float(x) for x in self._sums)
+        return {"train/l1_penalty": self.l1 * l1_sum, "train/l2_penalty": self.l2 * l2_sum}
 
     def loss_term(self):
         """The penalty as a differentiable loss term (ZeRO 0-2), or None under ZeRO-3."""
@@ -64,7 +67,7 @@ class Regularizer(NoRegularizer):
             return None
         l1 = sum(w.abs().sum() for w in self.params)
         l2 = sum(w.pow(2).sum() for w in self.params)
-        self._record(float(l1), float(l2))
+        self._sums = (l1.detach(), l2.detach())
         return self.l1 * l1 + self.l2 * l2
 
     def apply_to_gradients(self) -> None:
@@ -77,15 +80,16 @@ class Regularizer(NoRegularizer):
             weight = safe_get_local_fp32_param(param)
             grad = safe_get_local_grad(param)
             safe_set_local_grad(param, grad + self.l1 * torch.sign(weight) + 2 * self.l2 * weight)
-            l1_sum += weight.abs().sum().item()
-            l2_sum += weight.pow(2).sum().item()
-        self._record(l1_sum, l2_sum)
+            l1_sum = l1_sum + weight.abs().sum()
+            l2_sum = l2_sum + weight.pow(2).sum()
+        self._sums = (l1_sum, l2_sum)
 
     def values(self) -> dict[str, float]:
         """Penalties on the current weights, exact under every ZeRO stage. Collective under ZeRO-3."""
         with torch.no_grad():
             weights = self._weights()
-            return self._record(sum(w.abs().sum().item() for w in weights), sum(w.pow(2).sum().item() for w in weights))
+            self._sums = (sum(w.abs().sum() for w in weights), sum(w.pow(2).sum() for w in weights))
+        return self.last
 
 
 def make_regularizer(spec: RegularizationSpec, strategy: DeepSpeedStrategy) -> NoRegularizer:

@@ -130,8 +130,10 @@ class DeepSpeedStrategy:
         return hashlib.sha256("".join(d for _, d in per_rank).encode()).hexdigest()
 
     # ---- small collectives ------------------------------------------------
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def all_reduce_sum(self, values: list[float | torch.Tensor]) -> list[float]:
+        """Sums across ranks. Values may be device tensors (e.g. a step's losses): they are read
+        once here, not after every micro step, so the host does not wait on the GPU mid-step."""
+        tensor = torch.stack([torch.as_tensor(v, device=self.device).detach().double().reshape(()) for v in values])
         dist.all_reduce(tensor)
         return tensor.tolist()
 

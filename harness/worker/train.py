@@ -18,7 +18,7 @@ from tqdm import tqdm
 from harness.layout import RunDir, StageDir
 from harness.exit_codes import PREEMPTED
 from harness.stages import Stage
-from harness.worker.data import SampleStream, TokenizedSet, load_finetune, load_pretrain, micro_batch_position
+from harness.worker.data import SampleStream, TokenizedSet, load_finetune, load_pretrain, micro_batch_position, token_count
 from harness.worker.evaluate import eval_metrics
 from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_rank_file
 from harness.worker.metrics import MetricsLog, NullMetrics
@@ -115,8 +115,8 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
         for accum_index in range(stage.grad_accum):
             position = micro_batch_position(first, s.micro_batch, accum_index, strategy.rank, strategy.world_size)
             batch = streams[source].batch(position, s.micro_batch)
-            loss_sum += strategy.train_micro_step(batch, regularizer.loss_term).item()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum = loss_sum + strategy.train_micro_step(batch, regularizer.loss_term)
+            tokens += token_count(batch)
         regularizer.apply_to_gradients()
         lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
         strategy.optimizer_step()
