@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(REPO))
 
 from harness.layout import RunDir, StageDir  # noqa: E402  (paths only: the bench reads what the harness wrote)
+from harness.orchestrator import free_port  # noqa: E402
 
 # ~370M-parameter Llama shape for GPU runs (random init, written once under bench/out).
 LLAMA_370M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816, vocab_size=32000)
@@ -113,18 +113,6 @@ def launch_like_stage(stage_dir: StageDir, script: Path, script_args: list[str],
     if code != 0:
         raise SystemExit(f"{script.name} failed ({code}); see {log}")
     return start, end
-
-
-def free_port(start: int) -> int:
-    """The first port from `start` that can be bound (not in use, not in TIME_WAIT)."""
-    for port in range(start, start + 200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}..{start + 199}")
 
 
 # ---- timing files as they appear and grow -------------------------------------------------
