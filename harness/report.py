@@ -50,7 +50,8 @@ class StageRecord:
     def step_range(self) -> tuple[int | None, int | None]:
         """First and last global step: from the manifest, else from the metrics."""
         if self.manifest is not None:
-            return self.manifest["global_step_start"], self.manifest["global_step_end"]
+            # The manifest counts the steps before the stage (0 for the first stage).
+            return self.manifest["global_step_start"] + 1, self.manifest["global_step_end"]
         steps = [r["global_step"] for r in self.rows]
         return (min(steps), max(steps)) if steps else (None, None)
 

@@ -43,7 +43,7 @@ def make_run(root, offset=0.0):
         else:
             folder.manifest.write_text(json.dumps({
                 **common, "zero_stage": 2, "world_size": 4,
-                "global_step_start": start, "global_step_end": end, "eval": evals,
+                "global_step_start": start - 1, "global_step_end": end, "eval": evals,
                 "load": {"mode": "init" if index == 0 else "weights_only", "reason": "test"},
             }))
         folder.metrics.write_text(text)
