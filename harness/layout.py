@@ -3,6 +3,7 @@
     <out>/
       plan.yaml                 the plan as submitted (copied on first run)
       plan.sha256               its digest: a changed plan is refused without --force
+      metrics.jsonl             every stage's metrics.jsonl in run order (rebuilt after each stage)
       phases/<NN>-<stage>/      one folder per stage (a multistep phase has several)
         stage.json              the resolved stage the worker reads
         ds_config.json          the DeepSpeed config generated for it
@@ -83,6 +84,10 @@ class RunDir:
     @property
     def phases(self) -> Path:
         return self.root / "phases"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
 
     @property
     def slurm(self) -> Path:

@@ -26,7 +26,7 @@ from harness.exit_codes import PREEMPTED
 from harness.ds_config import check_ds_config, get_train_ds_config, validate_with_deepspeed
 from harness.launch import deepspeed_binary, deepspeed_env_file, hostfile_hosts, hostfile_text, launcher_command, rank_environment, shell_quote
 from harness.layout import RunDir, StageDir
-from harness.manifest import manifest_written, valid_manifest
+from harness.manifest import manifest_written, valid_manifest, write_atomic
 from harness.plan import DataSpec, Plan, PlanError, load_plan
 from harness.stages import Stage, eval_size, expand_stages
 from harness.wandb_mode import resolve_mode
@@ -217,8 +217,15 @@ def run_stages(setup: RunSetup, only: int | None = None, echo: Callable[[str], N
             raise StageFailed(stage, stage_dir, exit_code, detail)
         if valid_manifest(stage_dir.manifest) is None:
             raise StageFailed(stage, stage_dir, exit_code, "no valid manifest.json was written")
+        collect_metrics(setup.run)
     if only is None:
         echo(f"[harness] all {len(setup.stages)} stage(s) done; final model: {setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model}")
+
+
+def collect_metrics(run: RunDir) -> None:
+    """<out>/metrics.jsonl: the stages' metric lines in run order, one file for the whole run."""
+    lines = "".join(d.metrics.read_text() for d in run.stage_dirs() if d.metrics.exists())
+    write_atomic(run.metrics, lines)
 
 
 def launch_stage(stage: Stage, stage_dir: StageDir) -> int:

@@ -95,6 +95,7 @@ def test_global_step_continues_across_stages(chain: Path):
     assert [(m["global_step_start"], m["global_step_end"]) for m in records] == [(0, 8), (8, 14), (14, 20), (20, 26)]
     steps = [r["global_step"] for d in sorted((chain / "phases").iterdir()) for r in metric_rows(d)]
     assert steps == list(range(1, 27))
+    assert [r["global_step"] for r in metric_rows(chain)] == steps, "the run's metrics.jsonl holds every stage's lines in order"
 
 
 def test_pretrain_data_position_carries_into_the_next_pretrain_stage(chain: Path):
