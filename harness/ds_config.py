@@ -8,6 +8,7 @@ never imports torch.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -132,15 +133,9 @@ def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[tuple[int, st
         input=json.dumps(configs),
         capture_output=True,
         text=True,
-        env=_quiet_env(),
+        # Validation only: the CPU accelerator keeps CUDA from initialising in the child.
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
     )
     if result.returncode != 0:
         raise RuntimeError(f"the DeepSpeed config check crashed:\n{result.stderr[-2000:]}")
     return [(index, problem) for index, problem in json.loads(result.stdout.strip().splitlines()[-1])]
-
-
-def _quiet_env() -> dict[str, str]:
-    import os
-
-    # Validation only: the CPU accelerator avoids CUDA initialisation in the child.
-    return {**os.environ, "DS_ACCELERATOR": "cpu"}

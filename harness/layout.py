@@ -9,7 +9,8 @@
         ds_config.json          the DeepSpeed config generated for it
         command.txt             the exact launcher command
         launcher.log            everything the launcher printed
-        checkpoints/            DeepSpeed checkpoints (tags "step<N>"), for resuming this stage
+        checkpoints/            DeepSpeed checkpoints (tags "step<N>"), for resuming this stage;
+                                a tag counts once rank 0 wrote step<N>/complete after every rank saved
         model/                  consolidated Hugging Face model: the handoff to the next stage
         metrics.jsonl           one JSON line per logged step (rank 0)
         manifest.json           written last, atomically: the stage is done when it is valid
@@ -22,6 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+CHECKPOINT_COMPLETE = "complete"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,13 @@ class StageDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest complete checkpoint tag. Not DeepSpeed's `latest` file: DeepSpeed 0.19.8
+        writes it before every rank has saved its shard, so a kill can leave it pointing at a
+        half-written checkpoint."""
+        steps = [int(marker.parent.name.removeprefix("step")) for marker in self.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}")]
+        return f"step{max(steps)}" if steps else None
 
     @property
     def model(self) -> Path:

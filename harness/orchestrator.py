@@ -337,7 +337,7 @@ def stage_statuses(run: RunDir) -> list[StageStatus]:
         index, name = stage_dir.root.name.split("-", 1)
         stage = json.loads(stage_dir.stage_json.read_text())["stage"] if stage_dir.stage_json.exists() else {}
         manifest = valid_manifest(stage_dir.manifest)
-        checkpoint = _latest_tag(stage_dir)
+        checkpoint = stage_dir.latest_checkpoint()
         rows = _metric_rows(stage_dir)
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
         done_steps = manifest["stage_steps"] if manifest else (rows[-1]["stage_step"] if rows else 0)
@@ -357,11 +357,6 @@ def stage_statuses(run: RunDir) -> list[StageStatus]:
             load_mode=(manifest or {}).get("load", {}).get("mode") or _load_mode_in_progress(stage_dir),
         ))
     return statuses
-
-
-def _latest_tag(stage_dir: StageDir) -> str | None:
-    latest = stage_dir.checkpoints / "latest"
-    return latest.read_text().strip() if latest.exists() else None
 
 
 def _metric_rows(stage_dir: StageDir) -> list[dict[str, Any]]:

@@ -282,6 +282,14 @@ class PhaseSpec(TrainSettings):
     stages: list[dict[str, Any]] = []
     """multistep: stage overrides, each merged over this phase's settings (validated as StageSettings)."""
 
+    def settings(self) -> TrainSettings:
+        """The phase's training settings (the plan's defaults are already merged in)."""
+        return TrainSettings.model_validate(self.model_dump(include=set(TrainSettings.model_fields)))
+
+    def stage_settings(self, j: int) -> StageSettings:
+        """Multistep stage j: its overrides merged over the phase's settings. Raises ValidationError."""
+        return StageSettings.model_validate(deep_merge(self.settings().model_dump(), self.stages[j]))
+
     @model_validator(mode="after")
     def _kind_fits(self) -> PhaseSpec:
         if self.kind == "multistep":
@@ -425,15 +433,11 @@ def _check_stages(plan: Plan) -> list[tuple[str, Any, str]]:
     """Multistep stage overrides are validated against the phase they merge into."""
     problems = []
     for i, phase in enumerate(plan.phases):
-        base = phase.model_dump(include=set(TrainSettings.model_fields), exclude_unset=False)
-        for j, stage in enumerate(phase.stages):
-            if not isinstance(stage, dict):
-                problems.append((f"phases[{i}].stages[{j}]", stage, "a mapping of stage settings"))
-                continue
+        for j, override in enumerate(phase.stages):
             try:
-                StageSettings.model_validate(deep_merge(base, stage))
+                phase.stage_settings(j)
             except ValidationError as error:
-                problems += _problems_from(error, f"phases[{i}].stages[{j}]", stage)
+                problems += _problems_from(error, f"phases[{i}].stages[{j}]", override)
         if phase.kind == "pretrain" and phase.epochs is not None:
             problems.append((f"phases[{i}].epochs", phase.epochs, "pretrain phases take steps or tokens (packed blocks are counted only after tokenizing)"))
         if phase.kind != "multistep":

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Literal
 
-from pydantic import ValidationError
-
 from harness.plan import (
     CPU_UNSUPPORTED_OPTIMIZERS,
     ClusterSpec,
@@ -24,11 +22,9 @@ from harness.plan import (
     Plan,
     PlanError,
     SlurmSpec,
-    StageSettings,
     Strict,
     TrainSettings,
     WandbSpec,
-    deep_merge,
 )
 
 
@@ -115,21 +111,17 @@ def _with_phase_offsets(phase_stages: list[Stage]) -> list[Stage]:
 
 def _phase_parts(phase: PhaseSpec):
     """(stage name, settings, data, location in the plan) for each stage of a phase."""
-    base = TrainSettings.model_validate(phase.model_dump(include=set(TrainSettings.model_fields)))
     if not isinstance(phase.data, MultistepData):
         source = "pretrain" if phase.kind == "pretrain" else "finetune"
-        yield phase.name, base, StageData(source=source, **{source: phase.data}), ""
+        yield phase.name, phase.settings(), StageData(source=source, **{source: phase.data}), ""
         return
     for cycle in range(1, phase.cycles + 1):
-        for j, override in enumerate(phase.stages, start=1):
-            try:
-                stage = StageSettings.model_validate(deep_merge(base.model_dump(), override))
-            except ValidationError:  # reported with its field path by plan._check_stages
-                continue
+        for j in range(len(phase.stages)):
+            stage = phase.stage_settings(j)  # valid: parse_plan checked every stage
             suffix = stage.name or _optimizer_label(stage)
             data = StageData(pretrain=phase.data.pretrain, finetune=phase.data.finetune, source=stage.data, mix=phase.data.mix)
             settings = TrainSettings.model_validate(stage.model_dump(include=set(TrainSettings.model_fields)))
-            yield f"{phase.name}.c{cycle}.s{j}-{suffix}", settings, data, f".stages[{j - 1}]"
+            yield f"{phase.name}.c{cycle}.s{j + 1}-{suffix}", settings, data, f".stages[{j}]"
 
 
 def _optimizer_label(settings: TrainSettings) -> str:

@@ -4,7 +4,6 @@ preemption with requeue and resume, a failing stage, and Ctrl-C that ends exactl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.layout import StageDir
+
 from conftest import FINETUNE_JSONL, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 
 STEPS = 200
@@ -34,7 +36,7 @@ def test_killed_rank_fails_the_stage_and_a_rerun_resumes_it(tmp_path: Path):
     stage = out / "phases" / "00-long"
     run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", plan_path, "--out", out], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (stage / "checkpoints" / "latest").exists(), 180, "a first checkpoint")
+    wait_for(lambda: StageDir(stage).latest_checkpoint(), 180, "a first complete checkpoint")
     rank1 = json.loads((stage / "ranks" / "rank1.json").read_text())["pid"]
     os.kill(rank1, signal.SIGKILL)
     stdout, stderr = run.communicate(timeout=120)
@@ -43,11 +45,12 @@ def test_killed_rank_fails_the_stage_and_a_rerun_resumes_it(tmp_path: Path):
     assert "stage 00 'long'" in stderr and str(stage / "launcher.log") in stderr
     assert not (stage / "manifest.json").exists()
     assert not (out / "phases" / "01-after" / "manifest.json").exists()
-    killed_at = int((stage / "checkpoints" / "latest").read_text().removeprefix("step"))
-    assert 10 <= killed_at < STEPS
+    resume_tag = StageDir(stage).latest_checkpoint()
+    assert 10 <= int(resume_tag.removeprefix("step")) < STEPS
     assert "interrupted" in harness("status", out, check=True).stdout
 
-    harness("run", plan_path, "--out", out, check=True)
+    rerun = harness("run", plan_path, "--out", out, check=True)
+    assert f"stage long: resuming from checkpoint {resume_tag}" in rerun.stdout
     long, after = manifests(out)
     assert long["stage_steps"] == STEPS and after["global_step_end"] == STEPS + 4
     steps = [r["stage_step"] for r in metric_rows(stage)]

@@ -6,6 +6,7 @@ The offline run files are read back with wandb's own protobufs (tests/wandb_reco
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_one_grouped_run_per_stage(two_phase_run):
 
 
 def test_resumed_stage_continues_its_run(two_phase_run):
-    """Stage 0 as if killed after its step-3 checkpoint: no manifest, no model, latest -> step3."""
+    """Stage 0 as if killed after its step-3 checkpoint: no manifest, no model, no later checkpoint."""
     out = two_phase_run
     stage = RunDir(out).stage_dirs()[0]
     first_id = json.loads(stage.manifest.read_text())["wandb_run_id"]
@@ -84,7 +85,10 @@ def test_resumed_stage_continues_its_run(two_phase_run):
     for file in stage.model.iterdir():
         file.unlink()
     stage.model.rmdir()
-    (stage.checkpoints / "latest").write_text("step3")
+    for tag in stage.checkpoints.glob("step*"):
+        if int(tag.name.removeprefix("step")) > 3:
+            shutil.rmtree(tag)
+    assert stage.latest_checkpoint() == "step3"
 
     result = harness("run", out / "plan.yaml", "--out", out, check=True)
     assert "stage 01 finetune: done, skipped" in result.stdout

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from harness.layout import StageDir
+from harness.layout import CHECKPOINT_COMPLETE, StageDir
 from harness.manifest import FORMAT_VERSION, checksums, read_manifest, write_atomic, write_manifest
 from harness.stages import Stage
 from harness.worker.model import save_hf_model
@@ -106,16 +106,14 @@ class Checkpointer:
         self.dir = stage_dir
         self.strategy = strategy
 
-    def latest_tag(self) -> str | None:
-        latest = self.dir.checkpoints / "latest"
-        return latest.read_text().strip() if latest.exists() else None
-
     def restore(self, start: StartPoint) -> Progress:
         """After initialize: load what the start point names, check the weights, return progress.
         Writes started.json (rank 0) the first time, so a resume keeps the original handoff record."""
-        tag = self.latest_tag()
+        tag = self.dir.latest_checkpoint()
         if tag is not None:
             state = self.strategy.load_checkpoint(self.dir.checkpoints, tag, with_scheduler=True)
+            if self.strategy.is_rank0:
+                print(f"[harness] stage {self.stage.name}: resuming from checkpoint {tag}", flush=True)
             return Progress(**state["progress"])
         if start.checkpoint is not None:
             self.strategy.load_checkpoint(*start.checkpoint, with_scheduler=False)
@@ -146,13 +144,19 @@ class Checkpointer:
         return weights_digest({k: v.to(dtype).float() for k, v in saved.items()})
 
     def save(self, progress: Progress) -> str:
+        """A DeepSpeed checkpoint, marked complete once every rank has written its part. Collective."""
         tag = f"step{progress.stage_step}"
         self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": asdict(progress)})
+        self.strategy.barrier()
+        if self.strategy.is_rank0:
+            write_atomic(self.dir.checkpoints / tag / CHECKPOINT_COMPLETE, json.dumps(asdict(progress)) + "\n")
         return tag
 
     def save_handoff(self, progress: Progress, eval_metrics: dict[str, float], model, tokenizer, extra: dict[str, Any]) -> None:
         """DeepSpeed checkpoint, then the Hugging Face model, then manifest.json. Collective."""
-        tag = self.save(progress) if self.latest_tag() != f"step{progress.stage_step}" else f"step{progress.stage_step}"
+        tag = f"step{progress.stage_step}"
+        if self.dir.latest_checkpoint() != tag:  # a stage resumed at its last step has it already
+            self.save(progress)
         weights = self.strategy.full_fp32_weights()
         moments = self.strategy.optimizer_state_digest()
         self.strategy.barrier()

@@ -32,7 +32,7 @@ class MetricsLog(NullMetrics):
         """Forget lines past the checkpoint we resume from, so no step is logged twice."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _stage_step(line) is not None and _stage_step(line) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if (logged := _stage_step(line)) is not None and logged <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, row: dict[str, Any]) -> None:
