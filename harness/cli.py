@@ -76,7 +76,7 @@ def cmd_configs(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The embedded default: a pretrain (ZeRO-2) and a fine-tune (ZeRO-3) stage on 2 CPU ranks."""
+    """The embedded default on 2 CPU ranks: pretrain (ZeRO-2), fine-tune (ZeRO-3), multistep cycles."""
     from harness.demo import write_demo_workspace
     from harness.orchestrator import prepare, run_stages
 
