@@ -34,7 +34,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(REPO))
 
 from harness.layout import RunDir, StageDir  # noqa: E402  (paths only: the bench reads what the harness wrote)
-from harness.orchestrator import free_port  # noqa: E402
+from harness.processes import free_port  # noqa: E402
 
 # ~370M-parameter Llama shape for GPU runs (random init, written once under bench/out).
 LLAMA_370M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816, vocab_size=32000)
@@ -51,13 +51,17 @@ def model_block(name: str) -> dict[str, str]:
 
 
 def llama_370m_folder() -> Path:
-    """A random-init Hugging Face folder of the 370M shape; written by a child Python (torch
-    stays out of this process) the first time only."""
-    folder = OUT / "llama-370m"
+    return random_llama_folder("llama-370m", LLAMA_370M)
+
+
+def random_llama_folder(name: str, shape: dict[str, Any]) -> Path:
+    """bench/out/<name>: a random-init Llama Hugging Face folder of this shape; written by a
+    child Python (torch stays out of this process) the first time only."""
+    folder = OUT / name
     if not (folder / "config.json").exists():
         code = (
             "import sys, torch; from transformers import LlamaConfig, LlamaForCausalLM; "
-            f"torch.manual_seed(0); m = LlamaForCausalLM(LlamaConfig(**{LLAMA_370M!r}, max_position_embeddings=2048)); "
+            f"torch.manual_seed(0); m = LlamaForCausalLM(LlamaConfig(**{shape!r}, max_position_embeddings=2048)); "
             "m.save_pretrained(sys.argv[1])"
         )
         subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
@@ -116,22 +120,15 @@ def launch_like_stage(stage_dir: StageDir, script: Path, script_args: list[str],
 
 
 # ---- timing files as they appear and grow -------------------------------------------------
-class FileClock:
-    """Wall time at which some files appeared (`appeared`) and each of their lines did
-    (`stamps`). Metrics rows carry no time of their own, and file mtimes can be too coarse
-    (whole seconds on the GPU machine's disk), so a thread polls the files every few
-    milliseconds (a stat call: no measurable load) and stamps what is new."""
+class Poller:
+    """A background thread that calls `poll()` every interval_s while the `with` block runs."""
 
-    def __init__(self, paths: list[Path], interval_s: float = 0.005):
-        self.paths = paths
+    def __init__(self, interval_s: float):
         self.interval_s = interval_s
-        self.appeared: dict[Path, float] = {}
-        self.stamps: dict[Path, list[float]] = {p: [] for p in paths}
-        self._read: dict[Path, int] = {p: 0 for p in paths}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> FileClock:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -139,23 +136,43 @@ class FileClock:
         self._stop.set()
         self._thread.join()
 
-    def _poll(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.is_set():
-            for path in self.paths:
-                try:
-                    size = path.stat().st_size
-                except FileNotFoundError:
-                    continue
-                self.appeared.setdefault(path, time.time())
-                if size > self._read[path]:
-                    now = time.time()
-                    with open(path, "rb") as f:
-                        f.seek(self._read[path])
-                        chunk = f.read(size - self._read[path])
-                    complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next poll
-                    self._read[path] += len(complete)
-                    self.stamps[path] += [now] * complete.count(b"\n")
+            self.poll()
             time.sleep(self.interval_s)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class FileClock(Poller):
+    """Wall time at which some files appeared (`appeared`) and each of their lines did
+    (`stamps`). Metrics rows carry no time of their own, and file mtimes can be too coarse
+    (whole seconds on the GPU machine's disk), so a thread polls the files every few
+    milliseconds (a stat call: no measurable load) and stamps what is new."""
+
+    def __init__(self, paths: list[Path], interval_s: float = 0.005):
+        super().__init__(interval_s)
+        self.paths = paths
+        self.appeared: dict[Path, float] = {}
+        self.stamps: dict[Path, list[float]] = {p: [] for p in paths}
+        self._read: dict[Path, int] = {p: 0 for p in paths}
+
+    def poll(self) -> None:
+        for path in self.paths:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            self.appeared.setdefault(path, time.time())
+            if size > self._read[path]:
+                now = time.time()
+                with open(path, "rb") as f:
+                    f.seek(self._read[path])
+                    chunk = f.read(size - self._read[path])
+                complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next poll
+                self._read[path] += len(complete)
+                self.stamps[path] += [now] * complete.count(b"\n")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

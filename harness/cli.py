@@ -18,11 +18,12 @@ from harness.plan import PlanError
 
 def cmd_plan(args) -> int:
     """Validate, resolve, write each stage's DeepSpeed config and launcher command; launch nothing."""
-    from harness.orchestrator import prepare, write_setup
+    from harness.setup import prepare, write_setup
 
     setup = prepare(args.plan, args.out, force=args.force)
     commands = write_setup(setup)
     _print_stages(setup)
+    _print_stores(setup)
     for stage, argv in zip(setup.stages, commands):
         print(f"\n# stage {stage.index:02d} {stage.name}\n{' '.join(argv)}")
     print(f"\nwrote {setup.run.phases}/*/ds_config.json and command.txt (ports are chosen free at launch)")
@@ -31,7 +32,8 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     """Run every unfinished stage; a rerun skips done stages and resumes an interrupted one."""
-    from harness.orchestrator import prepare, run_stages
+    from harness.orchestrator import run_stages
+    from harness.setup import prepare
 
     setup = prepare(args.plan, args.out, force=args.force)
     if setup.plan.cluster.launcher == "slurm" and "SLURM_JOB_NODELIST" not in os.environ:
@@ -42,7 +44,7 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     """SLURM: one sbatch job per unfinished stage, chained with afterok (or --single-job)."""
-    from harness.orchestrator import prepare, write_setup
+    from harness.setup import prepare, write_setup
     from harness.slurm import render_jobs, submit_jobs
 
     setup = prepare(args.plan, args.out, force=args.force)
@@ -64,7 +66,7 @@ def cmd_configs(args) -> int:
     """Write the DeepSpeed configs that plans generate, one folder per plan (ds_configs/ in the repo)."""
     import json
 
-    from harness.orchestrator import plan_configs
+    from harness.setup import plan_configs
 
     for plan in args.plans:
         folder = Path(args.out) / Path(plan).stem
@@ -78,7 +80,8 @@ def cmd_configs(args) -> int:
 def cmd_demo(args) -> int:
     """The embedded default on 2 CPU ranks: pretrain (ZeRO-2), fine-tune (ZeRO-3), multistep cycles."""
     from harness.demo import write_demo_workspace
-    from harness.orchestrator import prepare, run_stages
+    from harness.orchestrator import run_stages
+    from harness.setup import prepare
 
     out = Path(args.out)
     setup = prepare(write_demo_workspace(out), out)
@@ -100,7 +103,7 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.orchestrator import stage_statuses
+    from harness.status import stage_statuses
     from harness.slurm import job_state, recorded_jobs
 
     run = RunDir(Path(args.out))
@@ -154,6 +157,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    """Build the plan's token stores now (as `run` does before launching), e.g. as a CPU job of its own."""
+    from harness.setup import validated_stages
+    from harness.token_store import build_missing, required_stores
+
+    _, stages, _ = validated_stages(args.plan)
+    build_missing(required_stores(stages))
+    return 0
+
+
+def _print_stores(setup) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.token_store import describe, required_stores
+
+    table = Table(title=f"token stores in {setup.plan.cache_dir}/tokens (built before the first stage that reads them)")
+    rows = [describe(request) for request in required_stores(setup.stages)]
+    for column in ("key", "kind", "inputs", "state"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=200).print(table)
+
+
 def _print_stages(setup) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -175,6 +203,7 @@ COMMANDS = {
     "status": cmd_status,
     "submit": cmd_submit,
     "configs": cmd_configs,
+    "tokenize": cmd_tokenize,
     "report": cmd_report,
     "compare": cmd_compare,
 }
@@ -195,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--single-job", action="store_true", help="one allocation for every stage instead of one job per stage")
             p.add_argument("--dry-run", action="store_true", help="render the sbatch scripts under <out>/slurm/, submit nothing")
+    tokenize = sub.add_parser("tokenize", help=cmd_tokenize.__doc__)
+    tokenize.add_argument("plan", help="plan YAML file")
     configs = sub.add_parser("configs", help=cmd_configs.__doc__)
     configs.add_argument("plans", nargs="+", help="plan YAML files")
     configs.add_argument("--out", default="ds_configs", help="folder (default: ds_configs)")

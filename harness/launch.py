@@ -28,7 +28,7 @@ SRUN_ARGS = "--wait=60"
 PASSED_THROUGH = (
     "PATH", "PYTHONPATH", "VIRTUAL_ENV", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST",
     "WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "HARNESS_STOP_FILE",
-    "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG", "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG", "GLOO_SOCKET_IFNAME", "MALLOC_MMAP_THRESHOLD_",
 )
 
 
@@ -70,6 +70,10 @@ def rank_environment(stage: Stage, base: dict[str, str], master_addr: str, maste
     }
     if stage.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    # A fixed glibc mmap threshold: buffers over 64 KiB (gathered ZeRO-3 parameters, buckets)
+    # go back to the system when freed. With glibc's adaptive threshold they stayed in the heap:
+    # 5.5 GB against 4.0 GB peak per rank (309M params, ZeRO-3, world size 2, measured).
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env.update({key: base[key] for key in PASSED_THROUGH if base.get(key)})
     if "TORCH_CUDA_ARCH_LIST" in env:
         # DeepSpeed 0.19.8's op builder cannot parse arch suffixes like "9.0a".

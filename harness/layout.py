@@ -15,9 +15,9 @@
         metrics.jsonl           one JSON line per logged step (rank 0)
         manifest.json           written last, atomically: the stage is done when it is valid
         ranks/                  one file per rank: host and pid, for cleanup and checks
+                                (rank<N>.json), its log, memory-rank<N>.json, end-rank<N>.txt
       slurm/                    rendered sbatch scripts and job ids (harness submit)
       wandb/, wandb_id.txt      W&B files and the run's W&B key (one W&B run per stage)
-      cache/                    tokenized data cache
 """
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ class StageDir:
     def ranks(self) -> Path:
         return self.root / "ranks"
 
+    def rank_log(self, rank: int) -> Path:
+        """Where a rank's output goes: rank 0 prints to the launcher's log, the others to their own."""
+        return self.launcher_log if rank == 0 else self.ranks / f"rank{rank}.log"
+
+    def rank_memory(self, rank: int) -> Path:
+        """The rank's peak and current RSS at its last milestone (harness/worker/memory.py)."""
+        return self.ranks / f"memory-rank{rank}.json"
+
+    def rank_end(self, rank: int) -> Path:
+        """How the rank ended, written by the rank itself: 'exit', or the stack at SIGTERM or a
+        fatal error. Empty when it was SIGKILLed (nothing can run then)."""
+        return self.ranks / f"end-rank{rank}.txt"
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -103,10 +116,6 @@ class RunDir:
     @property
     def slurm(self) -> Path:
         return self.root / "slurm"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
 
     def stage(self, index: int, name: str) -> StageDir:
         """The folder of stage number `index` (0-based) named `name`."""

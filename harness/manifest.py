@@ -45,11 +45,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under folder, keyed by the path relative to folder's parent."""
-    return {str(p.relative_to(folder.parent)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write text so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")

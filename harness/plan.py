@@ -8,6 +8,9 @@ No torch here: the orchestrator imports this.
 from __future__ import annotations
 
 import copy
+import glob
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,15 +50,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Llama-shaped configs small enough for CPU tests and the demo.
+BUILTIN_CONFIGS = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+}
+
+
 class ModelSpec(Strict):
-    """Which model to train: a built-in tiny config or a local Hugging Face folder."""
+    """Which model to train: a built-in tiny config, a local Hugging Face folder or a hub model id.
+    After load_plan, path and tokenizer are local folders (or 'bytes'): the worker never downloads."""
 
     builtin: Literal["tiny-llama", "small-llama"] | None = None
     """A named Llama-shaped config built with transformers (random init)."""
     path: str | None = None
-    """A local Hugging Face model folder (config.json + weights)."""
-    tokenizer: str = "bytes"
-    """'bytes' (built-in byte-level tokenizer, offline) or a local tokenizer folder."""
+    """A local Hugging Face model folder (config.json + weights), or a hub model id 'org/name'
+    when no such folder exists: resolved at plan load to its snapshot folder in the Hugging Face
+    cache (HF_HOME / HF_HUB_CACHE), downloaded first unless HF_HUB_OFFLINE is set. Every node
+    must see that folder (a shared cache on multi-node runs)."""
+    tokenizer: str | None = None
+    """'bytes' (built-in byte-level tokenizer), a tokenizer folder or hub id; unset: the model's
+    own (its path's folder must hold tokenizer files), or bytes for a builtin model."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -170,11 +185,15 @@ class RegularizationSpec(Strict):
 
 
 class DataSpec(Strict):
-    """One data set: local files (text, jsonl, parquet) or a hub name when online."""
+    """One data set: local files (text, jsonl, parquet, compressed jsonl/text) or a hub name when online.
+    Tokenized once into a token store (see harness/token_store.py) that every rank memory-maps."""
 
     files: list[str] = []
+    """Files or globs ("shards/*.jsonl.gz"), relative to the plan; globs expand in sorted order."""
     hub: str | None = None
-    """A Hugging Face hub dataset name (needs a network)."""
+    """A Hugging Face hub dataset name, streamed while tokenizing (needs a network)."""
+    split: str = "train"
+    """hub: the split to read."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     text_field: str = "text"
     """pretrain: the column with the text (json/parquet)."""
@@ -193,10 +212,13 @@ class DataSpec(Strict):
         return self
 
     def resolved_format(self) -> str:
+        """'text', 'json' or 'parquet'; a compressed file by the suffix under .gz, .bz2, .xz or .zst."""
         if self.format != "auto" or not self.files:
             return self.format
-        suffix = Path(self.files[0]).suffix.lower()
-        return {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix, "text")
+        name = self.files[0].lower()
+        for compressed in (".gz", ".bz2", ".xz", ".zst"):
+            name = name.removesuffix(compressed)
+        return {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(name).suffix, "text")
 
 
 class MixSpec(Strict):
@@ -243,6 +265,15 @@ class TrainSettings(Strict):
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clipping; 0 turns it off (DeepSpeed 0.19.8 defaults to 1.0 if unset)."""
     checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete DeepSpeed checkpoints kept per stage: older ones are deleted once a newer one is
+    complete. The newest is what a resume and the next stage's full_state load use."""
+    handoff_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype of the handoff's Hugging Face weights. auto: bf16 on GPU, fp32 on CPU. The manifest's
+    weights_digest is of the fp32 master weights either way."""
+    handoff_shard_bytes: int = Field(5_000_000_000, ge=1)
+    """Largest safetensors file of the handoff model; more weights go to several files plus
+    model.safetensors.index.json. Writing streams tensor by tensor, so this costs no memory."""
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1)
     log_every: int = Field(1, ge=1)
@@ -347,6 +378,9 @@ class Plan(Strict):
     cluster: ClusterSpec = ClusterSpec()
     wandb: WandbSpec = WandbSpec()
     slurm: SlurmSpec = SlurmSpec()
+    cache_dir: str | None = None
+    """Where token stores are kept, shared by every run that names the same folder (default
+    $XDG_CACHE_HOME/harness, i.e. ~/.cache/harness). Put it on a shared file system for multi-node runs."""
     phases: list[PhaseSpec] = Field(min_length=1)
 
     @field_validator("phases")
@@ -423,10 +457,11 @@ def parse_plan(raw: Any, base_dir: Path) -> Plan:
     except ValidationError as error:
         raise PlanError(_problems_from(error, "", raw)) from None
     problems += _check_stages(plan)
-    problems += _check_paths(plan, base_dir)
+    model, model_problems = resolve_model(plan.model, base_dir)
+    problems += model_problems + _check_paths(plan, base_dir)
     if problems:
         raise PlanError(problems)
-    return _resolve_paths(plan, base_dir)
+    return _resolve_paths(plan.model_copy(update={"model": model}), base_dir)
 
 
 def _check_stages(plan: Plan) -> list[tuple[str, Any, str]]:
@@ -455,18 +490,94 @@ def _data_specs(phase: PhaseSpec) -> list[tuple[str, DataSpec]]:
 
 def _check_paths(plan: Plan, base_dir: Path) -> list[tuple[str, Any, str]]:
     problems = []
-    if plan.model.path is not None and not (base_dir / plan.model.path / "config.json").is_file():
-        problems.append(("model.path", plan.model.path, "a Hugging Face model folder with config.json"))
-    if plan.model.tokenizer != "bytes" and not (base_dir / plan.model.tokenizer).is_dir():
-        problems.append(("model.tokenizer", plan.model.tokenizer, "'bytes' or an existing tokenizer folder"))
     if plan.cluster.hostfile is not None and not (base_dir / plan.cluster.hostfile).is_file():
         problems.append(("cluster.hostfile", plan.cluster.hostfile, "an existing hostfile"))
     for i, phase in enumerate(plan.phases):
         for where, spec in _data_specs(phase):
-            for k, f in enumerate(spec.files):
-                if not (base_dir / f).is_file():
-                    problems.append((f"phases[{i}].{where}.files[{k}]", f, "an existing file"))
+            for k, pattern in enumerate(spec.files):
+                if not expand_files([pattern], base_dir):
+                    problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
     return problems
+
+
+def expand_files(patterns: list[str], base_dir: Path) -> list[str]:
+    """Absolute paths of the files the patterns name; a glob expands in sorted order."""
+    files = []
+    for pattern in patterns:
+        path = str(base_dir / os.path.expanduser(pattern))
+        matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
+        files += [str(Path(m).resolve()) for m in matches if os.path.isfile(m)]
+    return files
+
+
+def resolve_model(model: ModelSpec, base_dir: Path) -> tuple[ModelSpec, list[tuple[str, Any, str]]]:
+    """The model with local folders only: a path made absolute, a hub id replaced by its snapshot
+    folder in the Hugging Face cache, an unset tokenizer set to the model's own folder (bytes for
+    a builtin); and the problems found on the way."""
+    problems = []
+    path = None
+    if model.path is not None:
+        path, why = _local_folder(model.path, base_dir)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            path, why = None, f"a Hugging Face model folder with config.json ({path} has none)"
+        if path is None:
+            problems.append(("model.path", model.path, why))
+    tokenizer = model.tokenizer
+    if tokenizer is None and model.builtin is not None:
+        tokenizer = "bytes"
+    elif tokenizer is None and path is not None:
+        tokenizer = path
+        if not _has_tokenizer(Path(path)):
+            problems.append(("model.tokenizer", None, f"unset, so the model's own tokenizer, but {path} has no tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES)}): give `tokenizer: bytes` (the built-in byte tokenizer) or a tokenizer folder"))
+    elif tokenizer is not None and tokenizer != "bytes":
+        tokenizer, why = _local_folder(model.tokenizer, base_dir)
+        if tokenizer is None:
+            problems.append(("model.tokenizer", model.tokenizer, f"'bytes' or a tokenizer folder: {why}"))
+    return model.model_copy(update={"path": path, "tokenizer": tokenizer}), problems
+
+
+# A hub model id: 'org/name' (a relative path of two parts that does not exist locally reads as one).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Not needed to train with transformers: other frameworks' weights, and Llama's original/ checkpoint.
+HUB_IGNORED = ["*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.tflite", "*.ot", "*.gguf", "original/*", "coreml/*", "openvino/*"]
+
+
+def _local_folder(value: str, base_dir: Path) -> tuple[str | None, str]:
+    """(absolute folder, '') for an existing local folder or a hub id the cache has (downloaded
+    first unless offline); (None, why not) otherwise."""
+    local = base_dir / os.path.expanduser(value)
+    if local.is_dir():
+        return str(local.resolve()), ""
+    if not HUB_ID.match(value):
+        return None, f"an existing folder ({local} is not one) or a hub model id 'org/name'"
+    return _hub_snapshot(value)
+
+
+def _hub_snapshot(repo_id: str) -> tuple[str | None, str]:
+    # Imported here: only plans that name a hub id pay for it.
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = constants.is_offline_mode()
+    not_local = f"not a local folder, so read as a hub model id: '{repo_id}'"
+    try:
+        return snapshot_download(repo_id, local_files_only=offline, ignore_patterns=HUB_IGNORED), ""
+    except LocalEntryNotFoundError:
+        reason = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded (no network?)"
+        return None, (f"{not_local} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}; "
+                      f"download it first with `hf download {repo_id}` (same HF_HOME or HF_HUB_CACHE), or give a local folder")
+    except GatedRepoError:
+        return None, f"{not_local} is gated: accept its terms on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
+    except RepositoryNotFoundError:
+        return None, f"{not_local} does not exist on the hub (or is private: log in with `hf auth login` or HF_TOKEN)"
+    except (HfHubHTTPError, OSError) as error:
+        return None, f"{not_local} could not be downloaded: {error}"
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
 
 
 def _resolve_paths(plan: Plan, base_dir: Path) -> Plan:
@@ -476,7 +587,7 @@ def _resolve_paths(plan: Plan, base_dir: Path) -> Plan:
         return str((base_dir / p).resolve())
 
     def data(spec: DataSpec) -> DataSpec:
-        return spec.model_copy(update={"files": [absolute(f) for f in spec.files]})
+        return spec.model_copy(update={"files": expand_files(spec.files, base_dir)})
 
     phases = []
     for phase in plan.phases:
@@ -485,16 +596,11 @@ def _resolve_paths(plan: Plan, base_dir: Path) -> Plan:
         else:
             new_data = data(phase.data)
         phases.append(phase.model_copy(update={"data": new_data}))
-    model = plan.model
-    updates = {}
-    if model.path is not None:
-        updates["path"] = absolute(model.path)
-    if model.tokenizer != "bytes":
-        updates["tokenizer"] = absolute(model.tokenizer)
     cluster = plan.cluster
     if cluster.hostfile is not None:
         cluster = cluster.model_copy(update={"hostfile": absolute(cluster.hostfile)})
-    return plan.model_copy(update={"phases": phases, "model": model.model_copy(update=updates), "cluster": cluster})
+    cache_dir = absolute(os.path.expanduser(plan.cache_dir)) if plan.cache_dir else str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harness")
+    return plan.model_copy(update={"phases": phases, "cluster": cluster, "cache_dir": cache_dir})
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -47,6 +47,26 @@ class StageData(Strict):
         return "pretrain" if math.floor(step * p) > math.floor((step - 1) * p) else "finetune"
 
 
+class ModelShape(Strict):
+    """What the config builder needs of the model's architecture (from its config.json)."""
+
+    hidden_size: int
+    layer_params: int
+    """Parameters of one decoder layer (attention + MLP)."""
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape | None:
+    """The shape of a Hugging Face model config (Llama-style names; GPT-2's n_embd/n_inner too);
+    None when the config names no hidden size."""
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    if not isinstance(hidden, int):
+        return None
+    intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
+    heads = config.get("num_attention_heads") or config.get("n_head") or 1
+    kv_width = (config.get("num_key_value_heads") or heads) * (config.get("head_dim") or hidden // heads)
+    return ModelShape(hidden_size=hidden, layer_params=2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * intermediate)
+
+
 class Stage(Strict):
     """One fully resolved relaunch: everything the config builder and the worker need."""
 
@@ -59,6 +79,10 @@ class Stage(Strict):
     cluster: ClusterSpec
     wandb: WandbSpec
     slurm: SlurmSpec
+    cache_dir: str
+    """Where the token stores live (the plan's cache_dir, resolved)."""
+    model_shape: ModelShape | None
+    """None: the model's config names no hidden size (DeepSpeed's own buffer defaults then)."""
     accelerator: Literal["cpu", "cuda"]
     nodes: int
     procs_per_node: int
@@ -85,16 +109,17 @@ class Stage(Strict):
 RowCounter = Callable[[DataSpec], int]
 
 
-def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter) -> list[Stage]:
-    """Every stage of the plan, in order. Raises PlanError naming the field on a rule
-    that needs the resolved numbers (batch split, device support)."""
+def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter, model_config: dict[str, Any]) -> list[Stage]:
+    """Every stage of the plan, in order (model_config: the model's config.json). Raises PlanError
+    naming the field on a rule that needs the resolved numbers (batch split, device support)."""
     stages: list[Stage] = []
     problems: list[tuple[str, Any, str]] = []
+    shape = model_shape(model_config)
     for i, phase in enumerate(plan.phases):
         phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
             try:
-                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows))
+                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows, shape))
             except _StageProblem as problem:
                 problems.append((f"phases[{i}]{where}.{problem.field}", problem.value, problem.allowed))
         stages += _with_phase_offsets(phase_stages)
@@ -147,6 +172,7 @@ def _resolve(
     data: StageData,
     accelerator: Literal["cpu", "cuda"],
     count_train_rows: RowCounter,
+    shape: ModelShape | None,
 ) -> Stage:
     nodes = settings.nodes or plan.cluster.nodes
     procs = settings.procs_per_node or plan.cluster.procs_per_node
@@ -179,6 +205,8 @@ def _resolve(
         cluster=plan.cluster,
         wandb=plan.wandb,
         slurm=plan.slurm,
+        cache_dir=plan.cache_dir,
+        model_shape=shape,
         accelerator=accelerator,
         nodes=nodes,
         procs_per_node=procs,

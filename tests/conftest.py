@@ -19,6 +19,8 @@ FINETUNE_JSONL = DATA / "finetune.jsonl"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/harness-test-torch-ext")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["DS_ACCELERATOR"] = "cpu"
+# Token stores of the tests' plans: shared by every test (the plans/data stores are built once).
+TOKEN_CACHE = "/tmp/harness-test-token-cache"
 
 
 def make_plan(name: str, phases: list[dict], *, port: int, procs: int = 2, **top) -> dict:
@@ -28,6 +30,7 @@ def make_plan(name: str, phases: list[dict], *, port: int, procs: int = 2, **top
         "model": {"builtin": "tiny-llama"},
         "cluster": {"launcher": "local", "accelerator": "cpu", "procs_per_node": procs, "master_port": port},
         "wandb": {"mode": "disabled"},
+        "cache_dir": TOKEN_CACHE,
         "defaults": {"seq_len": 64, "micro_batch": 4, "eval_every": 1000, "eval_batches": 2, "checkpoint_every": 1000,
                      "optimizer": {"type": "AdamW", "lr": 3e-3}, "scheduler": {"type": "WarmupLR", "warmup_ratio": 0.1}},
         "phases": phases,

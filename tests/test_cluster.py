@@ -70,7 +70,9 @@ def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_pat
 def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_path):
     env = local_cluster.env()
     steps = 300
-    plan = two_node_plan("preempt", "slurm", 29730, [pretrain_phase("long", steps=steps, checkpoint_every=10), finetune_phase("next", steps=4)], local_cluster.hosts)
+    # keep_checkpoints: every tag stays, so the preemption's own checkpoint can be seen afterwards.
+    long_phase = pretrain_phase("long", steps=steps, checkpoint_every=10, keep_checkpoints=steps)
+    plan = two_node_plan("preempt", "slurm", 29730, [long_phase, finetune_phase("next", steps=4)], local_cluster.hosts)
     out = tmp_path / "run"
     harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
     first, second = submitted_jobs(out)

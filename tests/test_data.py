@@ -10,7 +10,9 @@ import pytest
 
 from harness.plan import DataSpec, MixSpec
 from harness.stages import StageData
-from harness.worker.data import IGNORE_INDEX, SampleStream, eval_batches, load_finetune, load_pretrain, micro_batch_position
+from harness.store_builder import build
+from harness.token_store import StoreRequest
+from harness.worker.data import IGNORE_INDEX, SampleStream, TokenizedSet, eval_batches, micro_batch_position, open_set
 from harness.worker.model import byte_tokenizer
 
 
@@ -19,16 +21,28 @@ def tokenizer():
     return byte_tokenizer()
 
 
+def load_set(kind: str, spec: DataSpec, seq_len: int, seed: int, cache_dir) -> TokenizedSet:
+    """Build the data set's token store (as the launch side does) and open it (as a rank does)."""
+    request = StoreRequest(kind=kind, data=spec, tokenizer="bytes", cache_dir=str(cache_dir), where="data")
+    build(request)
+    return open_set(request, seq_len, seed, byte_tokenizer().pad_token_id)
+
+
+def train_arrays(data: TokenizedSet) -> dict[str, np.ndarray]:
+    return data.samples.arrays(data.train_indices)
+
+
 def test_pretrain_text_is_packed_into_full_blocks_with_eos_between_documents(tmp_path, tokenizer):
     docs = [f"document number {i} " * (i + 1) for i in range(40)]
     pq.write_table(pa.table({"body": docs}), tmp_path / "corpus.parquet")
     spec = DataSpec(files=[str(tmp_path / "corpus.parquet")], text_field="body", eval_fraction=0.1)
-    data = load_pretrain(spec, tokenizer, seq_len=32, seed=0, cache_dir=tmp_path / "cache")
-    stream = np.concatenate([data.train["input_ids"], data.eval["input_ids"]]).ravel()
+    data = load_set("pretrain", spec, 32, 0, tmp_path / "cache")
+    train = train_arrays(data)
+    stream = np.concatenate([train["input_ids"], data.eval["input_ids"]]).ravel()
     total = sum(len(d.encode()) + 1 for d in docs)
     assert len(stream) == (total // 32) * 32, "every token kept except the last partial block"
     assert (stream == tokenizer.eos_token_id).sum() >= 30
-    assert (data.train["labels"] == data.train["input_ids"]).all() and "attention_mask" not in data.train
+    assert (train["labels"] == train["input_ids"]).all() and "attention_mask" not in train
     assert len(data.eval["input_ids"]) == max(1, int((total // 32) * 0.1))
 
 
@@ -36,32 +50,34 @@ def test_finetune_loss_is_on_response_tokens_only(tmp_path, tokenizer):
     rows = [{"question": f"q{i}? ", "answer": f"a{i}"} for i in range(50)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = DataSpec(files=[str(tmp_path / "pairs.jsonl")], prompt_field="question", response_field="answer", eval_fraction=0.2)
-    data = load_finetune(spec, tokenizer, seq_len=16, seed=0, cache_dir=tmp_path / "cache")
-    for ids, labels, mask in zip(data.train["input_ids"], data.train["labels"], data.train["attention_mask"]):
+    data = load_set("finetune", spec, 16, 0, tmp_path / "cache")
+    train = train_arrays(data)
+    for ids, labels, mask in zip(train["input_ids"], train["labels"], train["attention_mask"]):
         text = tokenizer.decode([t for t, m in zip(ids, mask) if m])
         prompt, response = text.split("? ", 1)
         supervised = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
         assert supervised == response, "labels are the response and its end-of-sequence token, nothing else"
         assert (labels[mask == 0] == IGNORE_INDEX).all()
-    assert len(data.eval_pairs) == 10 and all(p.startswith("q") and r.startswith("a") for p, r in data.eval_pairs)
+    pairs = [(tokenizer.decode(p), tokenizer.decode(r)) for p, r in data.eval_pairs]
+    assert len(pairs) == 10 and all(p.startswith("q") and p.endswith("? ") and r.startswith("a") for p, r in pairs)
 
 
 def test_held_out_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     rows = [{"prompt": f"p{i} ", "response": f"r{i}"} for i in range(100)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = DataSpec(files=[str(tmp_path / "pairs.jsonl")])
-    first = load_finetune(spec, tokenizer, 16, seed=7, cache_dir=tmp_path / "c1")
-    again = load_finetune(spec, tokenizer, 16, seed=7, cache_dir=tmp_path / "c2")
-    other = load_finetune(spec, tokenizer, 16, seed=8, cache_dir=tmp_path / "c3")
+    first = load_set("finetune", spec, 16, 7, tmp_path / "c1")
+    again = load_set("finetune", spec, 16, 7, tmp_path / "c2")
+    other = load_set("finetune", spec, 16, 8, tmp_path / "c3")
     assert first.eval_pairs == again.eval_pairs != other.eval_pairs
-    train = {tuple(r) for r in first.train["input_ids"]}
+    train = {tuple(r) for r in train_arrays(first)["input_ids"]}
     assert not train & {tuple(r) for r in first.eval["input_ids"]}
 
 
 def test_ranks_take_disjoint_slices_and_positions_cross_epochs(tmp_path, tokenizer):
     rows = [{"prompt": f"p{i} ", "response": f"r{i}"} for i in range(21)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = load_finetune(DataSpec(files=[str(tmp_path / "pairs.jsonl")]), tokenizer, 16, seed=0, cache_dir=tmp_path / "c")
+    data = load_set("finetune", DataSpec(files=[str(tmp_path / "pairs.jsonl")]), 16, 0, tmp_path / "c")
     stream = SampleStream(data, seed=0)
     n = data.n_train  # 20
     step = [stream.batch(micro_batch_position(0, 2, a, r, 2), 2)["input_ids"] for a in range(2) for r in range(2)]
@@ -76,7 +92,7 @@ def test_ranks_take_disjoint_slices_and_positions_cross_epochs(tmp_path, tokeniz
 def test_eval_batches_are_even_across_ranks(tmp_path, tokenizer):
     rows = [{"prompt": f"p{i} ", "response": f"r{i}"} for i in range(100)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = load_finetune(DataSpec(files=[str(tmp_path / "pairs.jsonl")], eval_fraction=0.05), tokenizer, 16, seed=0, cache_dir=tmp_path / "c")
+    data = load_set("finetune", DataSpec(files=[str(tmp_path / "pairs.jsonl")], eval_fraction=0.05), 16, 0, tmp_path / "c")
     shares = [eval_batches(data, micro=2, max_batches=4, rank=r, world=2) for r in range(2)]
     assert len(shares[0]) == len(shares[1]), "ZeRO-3 forwards are collective: every rank runs as many"
     assert sum(counts for share in shares for _, counts in share) == 3  # 5 samples -> 3 batches of 2

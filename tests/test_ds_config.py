@@ -8,8 +8,8 @@ import pytest
 
 from conftest import REPO, finetune_phase, make_plan, pretrain_phase
 from harness.ds_config import check_ds_config, get_train_ds_config, validate_with_deepspeed
-from harness.orchestrator import plan_configs
-from harness.plan import PlanError, parse_plan
+from harness.setup import plan_configs
+from harness.plan import BUILTIN_CONFIGS, PlanError, parse_plan
 from harness.stages import expand_stages
 
 EXAMPLE_PLANS = sorted((REPO / "plans").glob("*.yaml"))
@@ -18,7 +18,7 @@ EXAMPLE_PLANS = sorted((REPO / "plans").glob("*.yaml"))
 def stages_of(phases, accelerator="cpu", **cluster):
     plan = make_plan("t", phases, port=29500)
     plan["cluster"].update(cluster)
-    return expand_stages(parse_plan(plan, REPO), accelerator, count_train_rows=lambda spec: 760)
+    return expand_stages(parse_plan(plan, REPO), accelerator, count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"])
 
 
 def config_of(phase, **kw):
@@ -107,7 +107,7 @@ def test_the_launch_side_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, harness.cli, harness.orchestrator, harness.slurm, harness.report; sys.exit('torch' in sys.modules)"
+    code = "import sys, harness.cli, harness.orchestrator, harness.setup, harness.hosts, harness.processes, harness.failures, harness.status, harness.slurm, harness.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

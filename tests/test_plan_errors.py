@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import finetune_phase, harness, make_plan, pretrain_phase, write_plan
-from harness.orchestrator import prepare
+from harness.setup import prepare
 from harness.plan import PlanError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness.layout import StageDir
 
-from conftest import FINETUNE_JSONL, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 
 STEPS = 200
 
@@ -61,19 +61,20 @@ def test_killed_rank_fails_the_stage_and_a_rerun_resumes_it(tmp_path: Path):
 
 
 def test_rank_that_raises_names_the_stage_and_rerun_completes(tmp_path: Path):
-    broken = tmp_path / "pairs.jsonl"
-    lines = FINETUNE_JSONL.read_text().splitlines()[:200]
-    broken.write_text("".join(line.replace('"response"', '"answer"') + "\n" for line in lines))
-    plan = make_plan("raises", [pretrain_phase("pre", steps=3), finetune_phase("sft", steps=3, data={"files": [str(broken)]})], port=29650)
+    plan = make_plan("raises", [pretrain_phase("pre", steps=3), finetune_phase("sft", steps=3)], port=29650, cache_dir=str(tmp_path / "cache"))
     plan_path, out = write_plan(tmp_path, plan), tmp_path / "run"
+    harness("tokenize", plan_path, check=True)
+    (tokens,) = (tmp_path / "cache" / "tokens").glob("finetune-*/tokens.bin")
+    intact = tokens.read_bytes()
+    tokens.write_bytes(intact[: len(intact) // 2])  # damaged after it was built: only the ranks read it
 
     failed = harness("run", plan_path, "--out", out)
     assert failed.returncode == 1
     assert "stage 01 'sft' (phase 'sft') failed" in failed.stderr
-    assert "no column 'response'" in (out / "phases" / "01-sft" / "launcher.log").read_text()
+    assert f"token store damaged: {tokens}" in (out / "phases" / "01-sft" / "launcher.log").read_text()
     assert (out / "phases" / "00-pre" / "manifest.json").exists()
 
-    broken.write_text("".join(line + "\n" for line in lines))  # the user fixes the data
+    tokens.write_bytes(intact)  # the user restores the file
     rerun = harness("run", plan_path, "--out", out, check=True)
     assert "stage 00 pre: done, skipped" in rerun.stdout
     assert [m["stage"] for m in manifests(out)] == ["pre", "sft"]

@@ -15,8 +15,8 @@ import pytest
 from conftest import finetune_phase, harness, make_plan, manifests, pretrain_phase, write_plan
 from harness.ds_config import get_train_ds_config
 from harness.layout import RunDir
-from harness.orchestrator import count_train_rows
-from harness.plan import load_plan
+from harness.setup import count_train_rows
+from harness.plan import BUILTIN_CONFIGS, load_plan
 from harness.stages import expand_stages
 from harness.wandb_mode import resolve_mode
 from harness.worker.monitor import KEY_FILE, NullMonitor, WandbMonitor, start_monitor
@@ -137,7 +137,7 @@ def test_deepspeed_wandb_monitor_is_adopted(tmp_path, monkeypatch):
 
 def one_stage(tmp_path: Path, **wandb):
     plan = make_plan("wbunit", [pretrain_phase("pretrain", steps=4)], port=29740, wandb={**OFFLINE, **wandb})
-    [stage] = expand_stages(load_plan(write_plan(tmp_path, plan)), "cpu", count_train_rows)
+    [stage] = expand_stages(load_plan(write_plan(tmp_path, plan)), "cpu", count_train_rows, BUILTIN_CONFIGS["tiny-llama"])
     run = RunDir(tmp_path / "run")
     stage_dir = run.stage(stage.index, stage.name)
     stage_dir.root.mkdir(parents=True)

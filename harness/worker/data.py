@@ -1,6 +1,8 @@
-"""Data for a stage: pretrain text packed into fixed-length blocks, fine-tune pairs with
-loss only on response tokens, a held-out split, and a sample stream addressed by
-position so a resumed (or next) stage continues where the last one stopped.
+"""Data for a stage, read from token stores that the launch side built (harness/token_store.py):
+pretrain text packed into fixed-length blocks, fine-tune pairs with loss only on response
+tokens, a held-out split, and a sample stream addressed by position so a resumed (or next)
+stage continues where the last one stopped. Ranks read only the rows of their batches, so a
+rank's memory does not grow with the corpus.
 
 Order is deterministic from the seed: epoch e visits the training samples in
 the permutation drawn from (seed, e). Every rank computes the same global
@@ -11,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 
 from harness.plan import DataSpec
 from harness.stages import eval_size
+from harness.token_store import OFFSETS, PROMPT_LENS, TOKENS, StoreMeta, StoreRequest
 
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
 
@@ -30,34 +33,113 @@ def token_count(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+class TokenStore:
+    """A token store on disk (format: harness/token_store.py), read row by row with pread.
+
+    Reads go through the page cache, which the ranks of a node share, into buffers the size
+    of one batch. Memory-mapping would share the page cache too, but every page a rank
+    touches (and the kernel's readahead around it: ~1 MB per random row, measured) counts in
+    that rank's RSS, so RSS would grow with the part of the corpus read; pread keeps a rank's
+    memory independent of the corpus."""
+
+    def __init__(self, folder: Path):
+        self.meta = StoreMeta.read(folder)
+        self.kind = self.meta.kind
+        self._tokens = self._open(folder / TOKENS, self.meta.dtype, self.meta.tokens)
+        self._offsets = self._open(folder / OFFSETS, np.int64, self.meta.rows + 1)
+        self._prompt_lens = self._open(folder / PROMPT_LENS, np.int32, self.meta.rows) if self.kind == "finetune" else None
+
+    @staticmethod
+    def _open(path: Path, dtype, count: int) -> tuple[int, np.dtype]:
+        expected = count * np.dtype(dtype).itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "no file"
+            raise RuntimeError(f"token store damaged: {path} should have {expected} bytes, found {found}; "
+                               f"delete {path.parent} and the next run rebuilds it")
+        return os.open(path, os.O_RDONLY), np.dtype(dtype)
+
+    @staticmethod
+    def _read(file: tuple[int, np.dtype], start: int, count: int) -> np.ndarray:
+        fd, dtype = file
+        return np.frombuffer(os.pread(fd, count * dtype.itemsize, start * dtype.itemsize), dtype)
+
+    def span(self, start: int, count: int) -> np.ndarray:
+        """Tokens start .. start+count-1 of the whole stream."""
+        return self._read(self._tokens, start, count)
+
+    def row(self, r: int) -> np.ndarray:
+        begin, end = self._read(self._offsets, r, 2)
+        return self.span(int(begin), int(end - begin))
+
+    def prompt_len(self, r: int) -> int:
+        return int(self._read(self._prompt_lens, r, 1)[0])
+
+
+class PretrainSamples:
+    """Pretrain samples: the store's token stream cut into blocks of seq_len (the last partial
+    block dropped). No attention mask: every position is a real token, and an all-ones mask
+    makes the model build an explicit mask instead of taking the causal fast path (measured on H100)."""
+
+    def __init__(self, store: TokenStore, seq_len: int):
+        self.store, self.seq_len = store, seq_len
+        self.count = store.meta.tokens // seq_len
+        if self.count < 2:
+            raise ValueError(f"{store.meta.inputs}: {store.meta.tokens} tokens make fewer than 2 blocks of {seq_len}")
+
+    def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.stack([self.store.span(int(i) * self.seq_len, self.seq_len) for i in indices]).astype(np.int64)
+        return {"input_ids": ids, "labels": ids}
+
+
+class FinetuneSamples:
+    """Fine-tune samples: one row each, prompt + response + end-of-sequence cut to seq_len and
+    padded; labels only on the response tokens."""
+
+    def __init__(self, store: TokenStore, seq_len: int, pad_id: int):
+        self.store, self.seq_len, self.pad_id = store, seq_len, pad_id
+        self.count = store.meta.rows
+
+    def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(indices)
+        input_ids = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
+        labels = np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((n, self.seq_len), dtype=np.int64)
+        for i, r in enumerate(indices):
+            full = self.store.row(r)[: self.seq_len]
+            prompt = self.store.prompt_len(r)
+            input_ids[i, : len(full)] = full
+            mask[i, : len(full)] = 1
+            labels[i, prompt : len(full)] = full[prompt:]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def pair(self, r: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids without end-of-sequence) of row r."""
+        row, prompt = self.store.row(r).tolist(), self.store.prompt_len(r)
+        return row[:prompt], row[prompt:-1]
+
+
 @dataclass
 class TokenizedSet:
-    """One data set, tokenized and split. Arrays are [samples, seq_len]."""
+    """One data set: its samples, split into training indices and a small held-out set."""
 
     key: str
     kind: str
-    train: dict[str, np.ndarray]
+    samples: PretrainSamples | FinetuneSamples
+    train_indices: np.ndarray
     eval: dict[str, np.ndarray]
-    eval_pairs: list[tuple[str, str]]
-    """(prompt, response) texts of held-out fine-tune rows, for exact-match generation."""
+    """The held-out samples, in memory (at most eval_max_samples)."""
+    eval_pairs: list[tuple[list[int], list[int]]]
+    """(prompt ids, response ids) of held-out fine-tune rows, for exact-match generation."""
 
     @property
     def n_train(self) -> int:
-        return len(self.train["input_ids"])
+        return len(self.train_indices)
 
 
 def dataset_key(spec: DataSpec, kind: str, seq_len: int, seed: int) -> str:
     """Identity of a data stream: the same key means a later stage continues its position."""
     text = json.dumps([spec.model_dump(mode="json"), kind, seq_len, seed], sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
-
-def _load_rows(spec: DataSpec, cache_dir: Path) -> datasets.Dataset:
-    if spec.hub is not None:
-        return datasets.load_dataset(spec.hub, split="train", cache_dir=str(cache_dir))
-    fmt = spec.resolved_format()
-    extra = {"sample_by": "paragraph"} if fmt == "text" else {}
-    return datasets.load_dataset(fmt, data_files=spec.files, split="train", cache_dir=str(cache_dir), **extra)
 
 
 def _split(n: int, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,49 +149,15 @@ def _split(n: int, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:-n_eval], order[-n_eval:]
 
 
-def load_pretrain(spec: DataSpec, tokenizer, seq_len: int, seed: int, cache_dir: Path) -> TokenizedSet:
-    rows = _load_rows(spec, cache_dir)
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(list(rows[spec.text_field]), add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
-    n_blocks = len(stream) // seq_len
-    if n_blocks < 2:
-        raise ValueError(f"{spec.files or spec.hub}: {len(stream)} tokens make fewer than 2 blocks of {seq_len}")
-    blocks = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
-    train_idx, eval_idx = _split(n_blocks, spec, seed)
-
-    def arrays(idx):
-        # No attention mask: every position is a real token, and an all-ones mask makes the
-        # model build an explicit mask instead of taking the causal fast path (measured on H100).
-        return {"input_ids": blocks[idx], "labels": blocks[idx]}
-
-    return TokenizedSet(dataset_key(spec, "pretrain", seq_len, seed), "pretrain", arrays(train_idx), arrays(eval_idx), [])
-
-
-def load_finetune(spec: DataSpec, tokenizer, seq_len: int, seed: int, cache_dir: Path) -> TokenizedSet:
-    rows = _load_rows(spec, cache_dir)
-    for field in (spec.prompt_field, spec.response_field):
-        if field not in rows.column_names:
-            raise ValueError(f"{spec.files or spec.hub}: no column {field!r}; columns: {rows.column_names}")
-    prompts, responses = list(rows[spec.prompt_field]), list(rows[spec.response_field])
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    n = len(prompts)
-    input_ids = np.full((n, seq_len), tokenizer.pad_token_id, dtype=np.int64)
-    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((n, seq_len), dtype=np.int64)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        full = (list(p) + list(r) + [tokenizer.eos_token_id])[:seq_len]
-        input_ids[i, : len(full)] = full
-        mask[i, : len(full)] = 1
-        labels[i, len(p) : len(full)] = full[len(p) :]
-    train_idx, eval_idx = _split(n, spec, seed)
-
-    def arrays(idx):
-        return {"input_ids": input_ids[idx], "labels": labels[idx], "attention_mask": mask[idx]}
-
-    pairs = [(prompts[i], responses[i]) for i in eval_idx]
-    return TokenizedSet(dataset_key(spec, "finetune", seq_len, seed), "finetune", arrays(train_idx), arrays(eval_idx), pairs)
+def open_set(request: StoreRequest, seq_len: int, seed: int, pad_id: int) -> TokenizedSet:
+    """The data set of a store built by the launch side, split with the seed."""
+    store = TokenStore(request.folder)
+    spec = request.data
+    samples = PretrainSamples(store, seq_len) if request.kind == "pretrain" else FinetuneSamples(store, seq_len, pad_id)
+    train_indices, eval_indices = _split(samples.count, spec, seed)
+    pairs = [samples.pair(r) for r in eval_indices] if request.kind == "finetune" else []
+    key = dataset_key(spec, request.kind, seq_len, seed)
+    return TokenizedSet(key, request.kind, samples, train_indices, samples.arrays(eval_indices), pairs)
 
 
 class SampleStream:
@@ -129,7 +177,7 @@ class SampleStream:
         """Samples at global positions start .. start+count-1 (crossing epochs as needed)."""
         n = self.data.n_train
         idx = np.array([self._order(p // n)[p % n] for p in range(start, start + count)])
-        return {k: torch.from_numpy(v[idx]) for k, v in self.data.train.items()}
+        return {k: torch.from_numpy(v) for k, v in self.data.samples.arrays(self.data.train_indices[idx]).items()}
 
 
 def micro_batch_position(step_start: int, micro: int, accum_index: int, rank: int, world: int) -> int:

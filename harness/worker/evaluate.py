@@ -38,32 +38,31 @@ def held_out_loss(strategy: DeepSpeedStrategy, data: TokenizedSet, micro: int, m
 @torch.no_grad()
 def exact_match(strategy: DeepSpeedStrategy, data: TokenizedSet, tokenizer) -> float:
     """Share of the first EXACT_MATCH_SAMPLES held-out prompts whose greedy continuation
-    (up to end-of-sequence) equals the reference response, whitespace-stripped."""
+    (up to end-of-sequence) decodes to the reference response, whitespace-stripped."""
     pairs = data.eval_pairs[:EXACT_MATCH_SAMPLES]
-    references = [tokenizer(r, add_special_tokens=False)["input_ids"] for _, r in pairs]
-    new_tokens = min(MAX_NEW_TOKENS, max(len(r) for r in references) + 1)
+    new_tokens = min(MAX_NEW_TOKENS, max(len(response) for _, response in pairs) + 1)
     per_rank = -(-len(pairs) // strategy.world_size)
     mine = list(range(strategy.rank, len(pairs), strategy.world_size))
     hits = 0.0
     strategy.module.eval()
     for slot in range(per_rank):
         index = mine[slot] if slot < len(mine) else 0  # filler keeps forwards in step
-        generated = _greedy(strategy, tokenizer, pairs[index][0], new_tokens)
-        if slot < len(mine) and tokenizer.decode(generated).strip() == pairs[index][1].strip():
+        prompt, response = pairs[index]
+        generated = _greedy(strategy, tokenizer.eos_token_id, prompt, new_tokens)
+        if slot < len(mine) and tokenizer.decode(generated).strip() == tokenizer.decode(response).strip():
             hits += 1
     strategy.module.train()
     return strategy.all_reduce_sum([hits])[0] / len(pairs)
 
 
-def _greedy(strategy: DeepSpeedStrategy, tokenizer, prompt: str, new_tokens: int) -> list[int]:
-    """Greedy tokens after prompt, cut at end-of-sequence. Always runs new_tokens forwards."""
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=strategy.device)
+def _greedy(strategy: DeepSpeedStrategy, eos: int, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens after the prompt, cut at end-of-sequence. Always runs new_tokens forwards."""
+    ids = torch.tensor([prompt], device=strategy.device)
     out: list[int] = []
     for _ in range(new_tokens):
         next_id = strategy.logits(ids)[0, -1].argmax().item()
         out.append(next_id)
         ids = torch.cat([ids, torch.tensor([[next_id]], device=strategy.device)], dim=1)
-    eos = tokenizer.eos_token_id
     return out[: out.index(eos)] if eos in out else out
 
 

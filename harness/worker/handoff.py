@@ -11,12 +11,16 @@ Native checkpoints do not load across ZeRO-1/2 <-> ZeRO-3 or another world size
 from are digested and compared with the digest the previous stage saved.
 
 End of a stage, in this order (see DESIGN.md): DeepSpeed checkpoint, Hugging Face
-model from full fp32 weights, manifest.json written last and atomically.
+model, manifest.json written last and atomically. The model's fp32 master weights are
+gathered one parameter at a time and streamed into (sharded) safetensors by rank 0,
+digested on the way; no rank ever holds the whole model. Only the newest
+keep_checkpoints complete checkpoints of a stage are kept.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,13 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from harness.layout import CHECKPOINT_COMPLETE, StageDir
-from harness.manifest import FORMAT_VERSION, checksums, read_manifest, write_atomic, write_manifest
+from harness.manifest import FORMAT_VERSION, read_manifest, sha256_file, write_atomic, write_manifest
 from harness.stages import Stage
-from harness.worker.model import save_hf_model
-from harness.worker.strategy import DeepSpeedStrategy, weights_digest
+from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
+from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def handoff_dtype(stage: Stage) -> str:
+    """The dtype of the handoff's weight files: the plan's, auto meaning bf16 on GPU, else fp32."""
+    chosen = stage.settings.handoff_dtype
+    return chosen if chosen != "auto" else ("bf16" if stage.accelerator == "cuda" else "fp32")
 
 
 def zero_family(stage: int) -> str:
@@ -121,7 +132,10 @@ class Checkpointer:
         if start.previous is not None:
             progress.global_step_start = start.previous["global_step_end"]
             progress.data_position = dict(start.previous["data_position"])
-        weights = weights_digest(self.strategy.full_fp32_weights())
+        digest = WeightsDigest()
+        for name, weight in self.strategy.full_fp32_params():
+            digest.update(name, weight)
+        weights = digest.hexdigest()
         moments = self.strategy.optimizer_state_digest()
         if start.previous is not None and weights != self._expected_start_digest(start):
             raise RuntimeError(
@@ -135,13 +149,19 @@ class Checkpointer:
         return progress
 
     def _expected_start_digest(self, start: StartPoint) -> str:
-        """The saved digest; for a weights-only load at lower precision, the saved weights as
-        rounded to that precision (the engine's fp32 master copy is made from rounded weights)."""
-        if start.mode == "full_state" or self.stage.precision == "fp32":
-            return start.previous["weights_digest"]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.stage.precision]
-        saved = load_file(str(start.weights_dir / "model.safetensors"))
-        return weights_digest({k: v.to(dtype).float() for k, v in saved.items()})
+        """full_state: the saved fp32 master digest. weights_only: the digest of what the files
+        hold (the master digest when they are fp32), as rounded to this stage's precision when
+        lower (the engine's fp32 master copy is made from rounded weights): then streamed from
+        the files, one tensor at a time."""
+        previous = start.previous
+        if start.mode == "full_state":
+            return previous["weights_digest"]
+        if self.stage.precision == "fp32":
+            return previous.get("handoff_weights_digest", previous["weights_digest"])
+        digest = WeightsDigest()
+        for name, saved in hf_weights(start.weights_dir):
+            digest.update(name, saved.to(DTYPES[self.stage.precision]))
+        return digest.hexdigest()
 
     def save(self, progress: Progress) -> str:
         """A DeepSpeed checkpoint, marked complete once every rank has written its part. Collective."""
@@ -150,18 +170,58 @@ class Checkpointer:
         self.strategy.barrier()
         if self.strategy.is_rank0:
             write_atomic(self.dir.checkpoints / tag / CHECKPOINT_COMPLETE, json.dumps(asdict(progress)) + "\n")
+            self._drop_old_checkpoints()
         return tag
+
+    def _drop_old_checkpoints(self) -> None:
+        """Keep this stage's newest keep_checkpoints complete tags. An older one loses its marker
+        first, so a crash midway leaves an incomplete tag, which nothing loads. Tags without a
+        marker (a save that was killed) and other stages' checkpoints are never touched."""
+        steps = sorted(int(m.parent.name.removeprefix("step")) for m in self.dir.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}"))
+        for step in steps[: -self.stage.settings.keep_checkpoints]:
+            old = self.dir.checkpoints / f"step{step}"
+            (old / CHECKPOINT_COMPLETE).unlink()
+            shutil.rmtree(old)
+
+    def _write_model(self, model, tokenizer) -> dict[str, Any]:
+        """The Hugging Face folder, from the fp32 master weights streamed parameter by parameter
+        (collective: every rank takes part in each gather); rank 0 writes the files and digests
+        the weights as they pass. Returns the manifest's weight fields (rank 0; {} elsewhere)."""
+        weights = self.strategy.full_fp32_params()
+        if not self.strategy.is_rank0:
+            for _ in weights:
+                pass
+            return {}
+        dtype = handoff_dtype(self.stage)
+        folder = self.dir.model
+        save_hf_config(folder, model, tokenizer, DTYPES[dtype])
+        writer = SafetensorsWriter(folder, self.strategy.full_shapes(), DTYPES[dtype], self.stage.settings.handoff_shard_bytes)
+        master = WeightsDigest()
+        stored = WeightsDigest() if dtype != "fp32" else None
+        for name, weight in weights:
+            master.update(name, weight)
+            weight = weight.to(DTYPES[dtype])
+            if stored is not None:
+                stored.update(name, weight)
+            writer.add(name, weight)
+        writer.close()
+        files = {f"{folder.name}/{name}": sha for name, sha in writer.checksums.items()}
+        for path in folder.rglob("*"):  # config and tokenizer files: small
+            if path.is_file() and path.name not in writer.checksums:
+                files[str(path.relative_to(folder.parent))] = sha256_file(path)
+        fields = {"handoff_dtype": dtype, "weights_digest": master.hexdigest(), "files": dict(sorted(files.items()))}
+        if stored is not None:
+            fields["handoff_weights_digest"] = stored.hexdigest()
+        return fields
 
     def save_handoff(self, progress: Progress, eval_metrics: dict[str, float], model, tokenizer, extra: dict[str, Any]) -> None:
         """DeepSpeed checkpoint, then the Hugging Face model, then manifest.json. Collective."""
         tag = f"step{progress.stage_step}"
         if self.dir.latest_checkpoint() != tag:  # a stage resumed at its last step has it already
             self.save(progress)
-        weights = self.strategy.full_fp32_weights()
         moments = self.strategy.optimizer_state_digest()
-        self.strategy.barrier()
+        weights = self._write_model(model, tokenizer)
         if self.strategy.is_rank0:
-            save_hf_model(self.dir.model, model, tokenizer, weights)
             started = json.loads((self.dir.root / "started.json").read_text())
             s = self.stage.settings
             manifest = {
@@ -185,10 +245,9 @@ class Checkpointer:
                 "load": started["load"],
                 "start_weights_digest": started["start_weights_digest"],
                 "start_optimizer_state_digest": started["start_optimizer_state_digest"],
-                "weights_digest": weights_digest(weights),
+                **weights,
                 "optimizer_state_digest": moments,
                 "checkpoint_tag": tag,
-                "files": checksums(self.dir.model),
                 "finished": time.time(),
                 **extra,
             }

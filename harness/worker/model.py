@@ -2,20 +2,23 @@
 a byte-level tokenizer that needs no download, and the Hugging Face save."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers.initialization import no_init_weights
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from harness.plan import ModelSpec
+from harness.plan import BUILTIN_CONFIGS, ModelSpec
 
-# Llama-shaped configs small enough for CPU tests and the demo.
-BUILTIN_CONFIGS = {
-    "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
-}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -34,21 +37,31 @@ def build_tokenizer(spec: ModelSpec, handoff_dir: Path | None) -> PreTrainedToke
     """The previous stage's tokenizer when there is one, else the plan's."""
     if handoff_dir is not None:
         return AutoTokenizer.from_pretrained(handoff_dir)
-    if spec.tokenizer == "bytes":
+    return load_tokenizer(spec.tokenizer)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """'bytes' (the built-in byte tokenizer) or a local tokenizer folder, with a pad token."""
+    if name == "bytes":
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None) -> torch.nn.Module:
+def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None, load_weights: bool = True) -> torch.nn.Module:
     """fp32 model on CPU: from the handoff folder, the plan's folder, or a seeded built-in config.
-    DeepSpeed casts and partitions it in initialize; loading full weights before that is
-    the path that works for every ZeRO stage."""
+    Under ZeRO-3 (while DeepSpeedStrategy holds its HfDeepSpeedConfig) transformers builds it
+    partitioned under deepspeed.zero.Init and loads a folder's weights module by module; under
+    ZeRO-0/1/2 each rank holds one copy. load_weights=False builds the folder's architecture
+    with seeded weights without reading its weights: for a stage whose DeepSpeed checkpoint
+    (resume, full_state) overwrites them anyway."""
     source = handoff_dir or (Path(spec.path) if spec.path else None)
-    if source is not None:
+    if source is not None and load_weights:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if source is not None:
+        return _seeded_from_config(AutoConfig.from_pretrained(source), seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
@@ -58,17 +71,126 @@ def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None)
         eos_token_id=tokenizer.eos_token_id,
         **BUILTIN_CONFIGS[spec.builtin],
     )
-    torch.manual_seed(seed)  # the same initial weights on every rank and every rerun
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _seeded_from_config(config, seed)
 
 
-def save_hf_model(folder: Path, model: torch.nn.Module, tokenizer, weights: dict[str, torch.Tensor]) -> None:
-    """A Hugging Face folder (config, tokenizer, model.safetensors) from full fp32 weights.
-    Written from a plain state dict, not save_pretrained on the engine's module, whose
-    ZeRO-3 parameters are empty shards."""
+def _seeded_from_config(config, seed: int) -> torch.nn.Module:
+    """The same initial weights on every rank, every rerun and every ZeRO stage. Under ZeRO-3,
+    transformers 5.23 constructs without initializing, then initializes module by module
+    (children first) on rank 0 and broadcasts; the plain path does the same (construct without
+    init, then one initialize_weights pass in that order), so both draw the same numbers."""
+    torch.manual_seed(seed)
+    if is_deepspeed_zero3_enabled():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.initialize_weights()
+    model.tie_weights()
+    return model
+
+
+def parameter_storage(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter elements this rank holds: `local` (its ZeRO-3 partitions, else whole tensors),
+    `materialized` (elements in param.data: 0 for a model built partitioned) and the `total`."""
+    local = materialized = total = 0
+    for param in model.parameters():
+        materialized += param.data.numel()
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        total += param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    return {"local": local, "materialized": materialized, "total": total}
+
+
+def save_hf_config(folder: Path, model: torch.nn.Module, tokenizer, dtype: torch.dtype) -> None:
+    """Everything of a Hugging Face folder except the weights (see SafetensorsWriter)."""
     folder.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = dtype  # the dtype the weight files hold, as save_pretrained records it
     model.config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsWriter:
+    """Writes weights as transformers lays them out, one tensor at a time and holding none:
+    model.safetensors, or model-0000k-of-0000n.safetensors plus model.safetensors.index.json
+    when they exceed max_shard_bytes. Which tensor goes to which file, and each file's header,
+    follow from names, shapes and dtype, known before the first tensor arrives; tensors then
+    come in name order. `checksums`: file name -> sha256 of each file, from the bytes written."""
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int):
+        for old in folder.glob("model*.safetensors*"):  # a shorter earlier attempt's shards
+            old.unlink()
+        self.folder, self.shapes, self.dtype = folder, shapes, dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name in sorted(shapes):
+            nbytes = self._nbytes(name)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        files = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        self.file_of = {name: file for file, names in zip(files, shards) for name in names}
+        self.first = {names[0]: (file, names) for file, names in zip(files, shards)}
+        self.pending = iter(sorted(shapes))
+        self.checksums: dict[str, str] = {}
+        self._out, self._sha, self._left = None, None, 0
+
+    def _nbytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * self.itemsize
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name != next(self.pending):
+            raise ValueError(f"tensor {name} out of name order")
+        if name in self.first:
+            file, names = self.first[name]
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for n in names:
+                header[n] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(self.shapes[n]), "data_offsets": [offset, offset + self._nbytes(n)]}
+                offset += self._nbytes(n)
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+            self._file, self._out, self._sha, self._left = file, open(self.folder / file, "wb"), hashlib.sha256(), len(names)
+            self._write(struct.pack("<Q", len(text)) + text)
+        self._write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().data)
+        self._left -= 1
+        if self._left == 0:
+            self._out.close()
+            self.checksums[self._file] = self._sha.hexdigest()
+
+    def _write(self, data) -> None:
+        self._out.write(data)
+        self._sha.update(data)
+
+    def close(self) -> None:
+        """Writes the index (several files only); every tensor must have been added."""
+        if next(self.pending, None) is not None:
+            raise ValueError("the weights ended before every tensor was written")
+        if len(self.first) > 1:
+            total = sum(self._nbytes(name) for name in self.shapes)
+            index = json.dumps({"metadata": {"total_size": total}, "weight_map": self.file_of}, indent=2, sort_keys=True) + "\n"
+            (self.folder / WEIGHTS_INDEX).write_text(index)
+            self.checksums[WEIGHTS_INDEX] = hashlib.sha256(index.encode()).hexdigest()
+
+
+def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a Hugging Face folder's safetensors weights, in name order, one at a time."""
+    index = folder / WEIGHTS_INDEX
+    if index.exists():
+        file_of = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            file_of = {name: "model.safetensors" for name in f.keys()}
+    with ExitStack() as files:
+        opened = {}
+        for name in sorted(file_of):
+            if file_of[name] not in opened:
+                opened[file_of[name]] = files.enter_context(safe_open(str(folder / file_of[name]), framework="pt"))
+            yield name, opened[file_of[name]].get_tensor(name)

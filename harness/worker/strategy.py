@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,15 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
+from transformers.integrations import HfDeepSpeedConfig
 
 from harness.stages import Stage
 
 
 class DeepSpeedStrategy:
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, ds_config: dict[str, Any]):
         self.stage = stage
+        self.ds_config = ds_config
         deepspeed.init_distributed(dist_backend="gloo" if stage.accelerator == "cpu" else "nccl")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -29,14 +32,18 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"stage {stage.name} expects {stage.world_size} ranks, the launcher started {self.world_size}")
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.engine: Any = None
+        # While this object lives, transformers builds and loads models under deepspeed.zero.Init for
+        # a ZeRO-3 config: partitioned as created, a checkpoint loaded parameter by parameter, so no
+        # rank holds the whole model. transformers keeps only a weak reference: hold it for the stage.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config)
 
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
 
     # ---- engine lifecycle -------------------------------------------------
-    def setup(self, model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
-        self.engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    def setup(self, model: torch.nn.Module) -> None:
+        self.engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
         if scheduler is not None:
             # DeepSpeed 0.19.8 schedulers built at iteration -1 set lr 0 ("before it has started"),
             # so the first step would be wasted; one built at an offset sets no lr at all. Apply
@@ -100,14 +107,18 @@ class DeepSpeedStrategy:
         return client_state or {}
 
     # ---- full views of sharded state (collective: every rank calls) --------
-    def full_fp32_weights(self) -> dict[str, torch.Tensor]:
-        """name -> full fp32 weight on CPU, from the optimizer's fp32 master copy where one exists.
-        Every rank calls (ZeRO-3 gathers); every rank gets the result."""
-        weights = {}
-        for name, param in self.module.named_parameters():
-            full = safe_get_full_fp32_param(param)
-            weights[name] = (param if full is None else full).detach().float().cpu().clone()
-        return weights
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> full shape of every parameter (ZeRO-3 parameters are empty outside forward)."""
+        return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
+
+    def full_fp32_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full fp32 weight on CPU) one parameter at a time, in name order, from the
+        optimizer's fp32 master copy where one exists. Collective under ZeRO-1..3: every rank
+        runs it to the end and gets every value; no rank ever holds more than one full tensor."""
+        params = dict(self.module.named_parameters())
+        for name in sorted(params):
+            full = safe_get_full_fp32_param(params[name])
+            yield name, (params[name] if full is None else full).detach().float().cpu()
 
     def optimizer_state_digest(self) -> str:
         """Digest of every rank's optimizer state tensors (Adam moments, SGD momentum, ...), in
@@ -156,11 +167,17 @@ class DeepSpeedStrategy:
         os._exit(code)
 
 
-def weights_digest(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes and fp32 bytes of every tensor, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().float().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
+class WeightsDigest:
+    """sha256 over names, shapes and fp32 bytes of tensors fed one by one in name order: the
+    manifest's weight digest, computed while the weights stream past."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().float().cpu().contiguous()
+        self._sha.update(f"{name}:{tuple(tensor.shape)}".encode())
+        self._sha.update(tensor.numpy().data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()

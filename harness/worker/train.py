@@ -18,12 +18,14 @@ from tqdm import tqdm
 from harness.layout import RunDir, StageDir
 from harness.exit_codes import PREEMPTED
 from harness.stages import Stage
-from harness.worker.data import SampleStream, TokenizedSet, load_finetune, load_pretrain, micro_batch_position, token_count
+from harness.token_store import stage_stores
+from harness.worker.data import SampleStream, TokenizedSet, micro_batch_position, open_set, token_count
 from harness.worker.evaluate import eval_metrics
 from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_rank_file
+from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.model import build_model, build_tokenizer
+from harness.worker.model import build_model, build_tokenizer, parameter_storage
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -54,16 +56,22 @@ def run_stage(stage_file: Path) -> None:
     run = RunDir(Path(spec["run_dir"]))
     stop = StopRequest()
 
-    strategy = DeepSpeedStrategy(stage)
+    strategy = DeepSpeedStrategy(stage, json.loads(stage_dir.ds_config.read_text()))
     write_rank_file(stage_dir, strategy.rank)
+    watch_end(stage_dir, strategy.rank)
     if not strategy.is_rank0:
-        _send_output_to(stage_dir.ranks / f"rank{strategy.rank}.log")
+        _send_output_to(stage_dir.rank_log(strategy.rank))
 
     start = handoff_start(stage, previous)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
-    model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir)
-    sets = load_sets(stage, tokenizer, run.cache)
-    strategy.setup(model, json.loads(stage_dir.ds_config.read_text()))
+    record_memory(stage_dir, strategy.rank, "before_model")
+    # A DeepSpeed checkpoint (resume, full_state) overwrites the weights: no need to read them.
+    from_checkpoint = start.checkpoint is not None or stage_dir.latest_checkpoint() is not None
+    model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
+    record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
+    sets = load_sets(stage, tokenizer)
+    strategy.setup(model)
+    record_memory(stage_dir, strategy.rank, "initialized")
     checkpointer = Checkpointer(stage, stage_dir, strategy)
     progress = checkpointer.restore(start)
     regularizer = make_regularizer(stage.settings.regularization, strategy)
@@ -79,6 +87,7 @@ def run_stage(stage_file: Path) -> None:
         strategy.exit(PREEMPTED)
     extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
+    record_memory(stage_dir, strategy.rank, "end")
     monitor.log_model(stage_dir.model)
     metrics.close()
     if strategy.is_rank0:
@@ -86,14 +95,10 @@ def run_stage(stage_file: Path) -> None:
     strategy.exit(0)
 
 
-def load_sets(stage: Stage, tokenizer, cache_dir: Path) -> dict[str, TokenizedSet]:
+def load_sets(stage: Stage, tokenizer) -> dict[str, TokenizedSet]:
+    """The stage's data sets, from the token stores the launch side built."""
     s = stage.settings
-    sets = {}
-    if stage.data.pretrain is not None:
-        sets["pretrain"] = load_pretrain(stage.data.pretrain, tokenizer, s.seq_len, s.seed, cache_dir)
-    if stage.data.finetune is not None:
-        sets["finetune"] = load_finetune(stage.data.finetune, tokenizer, s.seq_len, s.seed, cache_dir)
-    return sets
+    return {kind: open_set(request, s.seq_len, s.seed, tokenizer.pad_token_id) for kind, request in stage_stores(stage).items()}
 
 
 def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], progress: Progress,
@@ -150,6 +155,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
             return None
         if step % s.checkpoint_every == 0 and step < stage.steps:
             checkpointer.save(progress)
+            record_memory(checkpointer.dir, strategy.rank, f"checkpoint step{step}")
     bar.close()
     return last_eval
 

@@ -1,0 +1,129 @@
+"""One stage's launcher process group: start it, stream its output, stop it and its ranks.
+
+Each stage is its own `deepspeed` launcher in its own process group with a fresh master
+port (reusing a port right after the previous stage stalled init ~30 s). Never imports
+torch; never ends a process it did not start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from harness.hosts import resolve_hosts
+from harness.launch import deepspeed_binary, deepspeed_env_file, launcher_command, rank_environment, shell_quote
+from harness.layout import StageDir
+from harness.stages import Stage
+from harness.wandb_mode import resolve_mode
+
+
+def first_port(stage: Stage) -> int:
+    """The first master port tried for a stage; `run` takes the first free one from here."""
+    return (stage.cluster.master_port or 29500) + stage.index
+
+
+def free_port(start: int) -> int:
+    """The first port from `start` that nothing listens on and nothing holds in TIME_WAIT."""
+    for port in range(start, start + 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 199}")
+
+
+def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
+    """Start the stage's launcher in its own process group, stream its output, return its exit code.
+    Ctrl-C or SIGTERM stops that launch and every rank it started (and nothing else), then re-raises."""
+    hostfile, hosts, master_addr = resolve_hosts(stage, stage_dir)
+    port = free_port(first_port(stage))
+    argv = launcher_command(stage, stage_dir, master_addr, port, deepspeed_binary(sys.executable), hostfile)
+    stage_dir.command.write_text(shell_quote(argv) + "\n")
+    rank_env = {**rank_environment(stage, dict(os.environ), master_addr, port), "WANDB_MODE": resolve_mode(stage.wandb.mode)}
+    env_file = stage_dir.root / ".deepspeed_env"
+    env_file.write_text(deepspeed_env_file(rank_env))
+    shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt
+    env = {**os.environ, **rank_env, "DS_ENV_FILE": str(env_file)}
+    with open(stage_dir.launcher_log, "ab") as log:
+        log.write(f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode())
+        process = subprocess.Popen(argv, cwd=stage_dir.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            _stream(process, log)
+            return process.wait()
+        except KeyboardInterrupt:
+            stop_launch(process, stage, stage_dir, hosts)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stream(process: subprocess.Popen, log) -> None:
+    out = sys.stdout.buffer
+    fd = process.stdout.fileno()
+    while chunk := os.read(fd, 65536):
+        log.write(chunk)
+        out.write(chunk)
+        out.flush()
+
+
+def stop_launch(process: subprocess.Popen, stage: Stage, stage_dir: StageDir, hosts: list[str], grace_s: float = 10.0) -> None:
+    """End a launch: the launcher's process group, then any rank still alive, by its recorded PID.
+
+    DeepSpeed's pdsh runner answers SIGTERM by running `pkill -f` on every host (0.19.8), which
+    can kill other people's runs: it gets SIGKILL, and its remote ranks are ended over ssh.
+    The single-node runner leaves its ranks running on SIGTERM: its whole group is signalled."""
+    if stage.cluster.launcher == "pdsh":
+        _signal_group(process, signal.SIGKILL)
+    else:
+        _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        _signal_group(process, signal.SIGKILL)
+    process.wait()
+    end_ranks(stage_dir, hosts if stage.cluster.launcher == "pdsh" else [])
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def end_ranks(stage_dir: StageDir, hosts: list[str]) -> None:
+    """SIGKILL each rank of this stage and its per-node launcher, by the PIDs the ranks recorded,
+    only if that PID still runs this stage (its command line names this stage's stage.json).
+    Ranks of node k are reached over ssh at hosts[k]; with no hosts, on this machine."""
+    marker = shlex.quote(str(stage_dir.stage_json))
+    for rank_file in sorted(stage_dir.ranks.glob("rank*.json")):
+        rank = json.loads(rank_file.read_text())
+        kills = " ; ".join(
+            f"tr '\\0' ' ' < /proc/{pid}/cmdline 2>/dev/null | grep -qF -- {marker} && kill -KILL {pid}"
+            for pid in (rank["launcher_pid"], rank["pid"])
+        )
+        command = ["bash", "-c", kills + " ; true"]
+        if hosts:
+            command = ["ssh", "-o", "BatchMode=yes", hosts[rank["node_rank"]], kills + " ; true"]
+        subprocess.run(command, capture_output=True, timeout=30)

@@ -1,0 +1,91 @@
+"""What the launch side needs to explain a rank's death: its memory, and how it ended.
+
+- record_memory: at milestones (before the model, model built, engine initialized, each
+  checkpoint, the end) a rank writes its peak RSS (VmHWM) and current RSS to
+  ranks/memory-rank<N>.json, so a rank the kernel's out-of-memory killer ends leaves its last
+  known peak behind, and benchmarks and tests read where memory went.
+- watch_end: from then on ranks/end-rank<N>.txt records how the rank ended: 'exit' at a
+  normal interpreter exit (an exception included), the stack at SIGTERM (the launcher stops
+  the other ranks that way when one fails) or at a fatal signal. SIGKILL cannot be caught:
+  a rank that was watched and left the file empty was SIGKILLed.
+No torch here: plain /proc reads, cheap enough for every checkpoint.
+"""
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.layout import StageDir
+from harness.manifest import write_atomic
+
+
+def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any) -> None:
+    """Write this rank's peak and current RSS at `milestone`, with any `fields` (e.g. the
+    parameter storage after the model is built). Atomic; every milestone's figures are kept
+    under `milestones`, the newest also at the top level."""
+    path = stage_dir.rank_memory(rank)
+    peak, current = _rss_bytes()
+    try:
+        milestones = json.loads(path.read_text())["milestones"]
+    except (OSError, ValueError, KeyError):
+        milestones = {}
+    milestones[milestone] = {"peak_rss_bytes": peak, "rss_bytes": current, **fields}
+    record = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "milestone": milestone,
+        "time": time.time(),
+        "peak_rss_bytes": peak,
+        "rss_bytes": current,
+        "host_memory_bytes": _host_memory_bytes(),
+        "milestones": milestones,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def watch_end(stage_dir: StageDir, rank: int) -> None:
+    """Record how this rank ends in ranks/end-rank<N>.txt (see the module docstring).
+    faulthandler writes from its C signal handler, so the stack is recorded even while the
+    main thread waits inside a collective, where a Python handler would never run."""
+    stage_dir.ranks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(stage_dir.rank_end(rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    faulthandler.enable(file=fd, all_threads=False)
+    faulthandler.register(signal.SIGTERM, file=fd, all_threads=False, chain=True)  # chain: still terminates
+    atexit.register(os.write, fd, b"exit\n")
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(peak RSS, current RSS) of this process, in bytes."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    if "VmHWM" not in fields:  # not Linux: ru_maxrss is bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak if sys.platform == "darwin" else peak * 1024), 0
+    return fields["VmHWM"], fields.get("VmRSS", 0)
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
