@@ -31,10 +31,12 @@ class DataProblem(Exception):
 
 
 def read_batches(request: StoreRequest):
-    """Batches of rows (dict column -> list) from local files or a hub data set, streamed."""
+    """Batches of rows (dict column -> list) from local files or a hub data set, streamed.
+    Any error while reading is a DataProblem naming what was read."""
     import datasets
 
     spec = request.data
+    source = f"hub data set {spec.hub!r} (split {spec.split!r})" if spec.hub else f"{', '.join(spec.files)}"
     try:
         if spec.hub is not None:
             rows = datasets.load_dataset(spec.hub, split=spec.split, streaming=True)
@@ -44,18 +46,24 @@ def read_batches(request: StoreRequest):
             rows = datasets.load_dataset(fmt, data_files=spec.files, split="train", streaming=True, **extra)
         batches = rows.iter(batch_size=BATCH_ROWS)
         first = next(batches, None)
-    except Exception as error:  # datasets raises many types for an unreachable or unknown set
-        if spec.hub is None:
-            raise
-        raise DataProblem(f"hub data set {spec.hub!r} (split {spec.split!r}) cannot be read here ({type(error).__name__}: {error}); "
-                          "download it where there is a network, or use local files") from None
+    except Exception as error:  # datasets raises many types for an unreachable set or a bad file
+        where = "download it where there is a network, or use local files" if spec.hub else "fix or remove the file"
+        raise DataProblem(f"{source} cannot be read ({type(error).__name__}: {error}); {where}") from None
     if first is None:
-        raise DataProblem("no rows")
+        raise DataProblem(f"{source}: no rows")
     needed = [spec.text_field] if request.kind == "pretrain" else [spec.prompt_field, spec.response_field]
     missing = [column for column in needed if column not in first]
     if missing:
         raise DataProblem(f"no column {missing[0]!r}; columns: {sorted(first)}")
-    return itertools.chain([first], batches)
+    return _reported(itertools.chain([first], batches), source)
+
+
+def _reported(batches, source: str):
+    """The batches; an error in a later part of the input becomes a DataProblem too."""
+    try:
+        yield from batches
+    except Exception as error:
+        raise DataProblem(f"{source} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def build(request: StoreRequest) -> None:

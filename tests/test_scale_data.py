@@ -68,9 +68,11 @@ def test_the_store_is_built_once_before_launch_and_reused(big_run):
 @pytest.mark.parametrize("data, named", [
     ({"hub": "no-such-org/no-such-set"}, "no-such-org/no-such-set"),
     ({"files": ["rows.jsonl"], "text_field": "body"}, "no column 'body'"),
+    ({"files": ["broken.jsonl"]}, "broken.jsonl cannot be read (ArrowInvalid: JSON parse error"),
 ])
 def test_data_that_cannot_be_read_is_exit_2_before_anything_is_written(tmp_path, data, named):
     (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n' * 50)
+    (tmp_path / "broken.jsonl").write_text('{"text": "a row"}\n' * 50 + '{"text": no quotes}\n')
     plan = make_plan("bad", [{"name": "pre", "kind": "pretrain", "data": data, "steps": 2}], port=29730, cache_dir=str(tmp_path / "cache"))
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = harness("run", write_plan(tmp_path, plan), "--out", tmp_path / "run", env=offline)
