@@ -19,6 +19,7 @@ launches, so no distributed job waits on tokenization.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -85,6 +86,7 @@ class StoreMeta(BaseModel):
         return cls.model_validate_json((folder / META).read_text())
 
 
+@functools.lru_cache(maxsize=None)  # every stage's key needs it; the files do not change during a run
 def tokenizer_id(tokenizer: str) -> str:
     """Identity of a tokenizer: the byte tokenizer's version, or a digest of a folder's tokenizer files."""
     if tokenizer == "bytes":
@@ -101,7 +103,7 @@ def tokenizer_id(tokenizer: str) -> str:
 def _input_ids(spec: DataSpec) -> list:
     if spec.hub is not None:
         return ["hub", spec.hub, spec.split]
-    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in spec.files]
+    return [[f, stat.st_size, stat.st_mtime_ns] for f in spec.files for stat in [os.stat(f)]]
 
 
 def store_key(kind: str, spec: DataSpec, tokenizer: str) -> str:
