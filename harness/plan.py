@@ -186,7 +186,7 @@ class RegularizationSpec(Strict):
 
 class DataSpec(Strict):
     """One data set: local files (text, jsonl, parquet, compressed jsonl/text) or a hub name when online.
-    Tokenized once into a token store (see harness/token_store.py) that every rank memory-maps."""
+    Tokenized once into a token store (see harness/token_store.py) that every rank reads rows from."""
 
     files: list[str] = []
     """Files or globs ("shards/*.jsonl.gz"), relative to the plan; globs expand in sorted order."""
