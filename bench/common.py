@@ -107,7 +107,7 @@ def launch_like_stage(stage_dir: StageDir, script: Path, script_args: list[str],
     assert argv[-4:-2] == ["--module", "harness.worker"], argv  # ... --module harness.worker --stage S
     argv = argv[:-4] + [str(script), *script_args]
     argv[argv.index("--master_port") + 1] = str(free_port(port_from))  # a reused port stalls init (DESIGN.md)
-    env_file = stage_dir.root / ".deepspeed_env"
+    env_file = stage_dir.deepspeed_env
     rank_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line)
     env = {**os.environ, **rank_env, "DS_ENV_FILE": str(env_file)}
     with open(log, "wb") as out:

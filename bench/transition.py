@@ -44,7 +44,7 @@ HARNESS_PARTS = [
 
 def watched(first: StageDir, second: StageDir) -> list[Path]:
     """The files whose appearance or lines mark the moments."""
-    return [first.metrics, first.checkpoints / "latest", first.model / "model.safetensors", second.root / ".deepspeed_env", second.metrics]
+    return [first.metrics, first.checkpoints / "latest", first.model / "model.safetensors", second.deepspeed_env, second.metrics]
 
 
 def harness_parts(first: StageDir, second: StageDir, clock: FileClock) -> dict[str, float]:
@@ -54,9 +54,9 @@ def harness_parts(first: StageDir, second: StageDir, clock: FileClock) -> dict[s
         clock.appeared[first.checkpoints / "latest"],
         clock.appeared[first.model / "model.safetensors"],
         json.loads(first.manifest.read_text())["finished"],
-        clock.appeared[second.root / ".deepspeed_env"],
-        json.loads((second.ranks / "rank0.json").read_text())["time"],
-        json.loads((second.root / "started.json").read_text())["time"],
+        clock.appeared[second.deepspeed_env],
+        json.loads(second.rank_record(0).read_text())["time"],
+        json.loads(second.started.read_text())["time"],
         clock.stamps[second.metrics][0],
     ]
     return {name: end - start for (name, _), start, end in zip(HARNESS_PARTS, marks, marks[1:])}

@@ -141,7 +141,7 @@ def cmd_report(args) -> int:
 
     png = write_report(args.out, args.png)
     print_table(report_table(load_run(args.out)), f"run {args.out}")
-    print(f"wrote {png} and {Path(png).with_name('report.json') if args.png is None else ''}".rstrip())
+    print(f"wrote {png} and {RunDir(Path(args.out)).report_json}")
     return 0
 
 
@@ -187,13 +187,29 @@ def _print_stages(setup) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
-    for column in ("#", "stage", "kind", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)"):
+    for column in ("#", "stage", "kind", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "starts"):
         table.add_column(column)
     for st in setup.stages:
         s = st.settings
         table.add_row(f"{st.index:02d}", st.name, st.kind, str(st.world_size), str(s.zero_stage), st.precision, st.optimizer_type,
-                      str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}")
-    Console(width=160).print(table)
+                      str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", _start_of(setup, st))
+    Console(width=200).print(table)
+    for stage in setup.stages:
+        resume = setup.resumes.get(stage.index)
+        if resume is not None and (resume.mode != "fresh" or resume.set_aside):
+            print(f"stage {stage.index:02d} {stage.name}: {resume.tag or 'from its start'} ({resume.mode}): {resume.reason}")
+            for damaged in resume.set_aside:
+                print(f"  damaged, set aside at launch: {damaged}")
+
+
+def _start_of(setup, stage) -> str:
+    """'done', where a stage starts, or the checkpoint it resumes at (details under the table)."""
+    resume = setup.resumes.get(stage.index)
+    if resume is None:
+        return "done"
+    if resume.mode == "fresh":
+        return "previous stage's handoff" if stage.index else "plan's model"
+    return f"{resume.tag} ({resume.mode})"
 
 
 COMMANDS = {

@@ -8,13 +8,14 @@ itself (harness/worker/memory.py), and a watched rank that recorded no end was S
 """
 from __future__ import annotations
 
-import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.exit_codes import PREEMPTED
 from harness.layout import StageDir
+from harness.records import InvalidRecord, MemoryRecord, RankRecord
+from harness.resume import intact_checkpoint
 from harness.stages import Stage
 
 
@@ -27,7 +28,7 @@ class RankEnd:
     end: str | None
     """'killed' (watched, nothing recorded: SIGKILL), 'exited', 'crashed', 'stopped' (SIGTERM from
     the launcher after another rank failed), or None (the rank recorded nothing to go by)."""
-    memory: dict | None
+    memory: MemoryRecord | None
     """The rank's last memory record, if any."""
 
 
@@ -45,10 +46,9 @@ def signal_of(exit_code: int) -> int | None:
 def rank_ends(stage_dir: StageDir) -> list[RankEnd]:
     """Every rank that started (wrote ranks/rank<N>.json), with how it ended and its memory."""
     ends = []
-    for rank_file in stage_dir.ranks.glob("rank*.json"):
-        info = json.loads(rank_file.read_text())
-        rank = int(info["rank"])
-        memory = _read_json(stage_dir.rank_memory(rank))
+    for rank_file in stage_dir.rank_records():
+        rank = RankRecord.read(rank_file).rank
+        memory = _read_memory(stage_dir.rank_memory(rank))
         ends.append(RankEnd(rank, stage_dir.rank_log(rank), _end_of(stage_dir.rank_end(rank)), memory))
     return sorted(ends, key=lambda e: e.rank)
 
@@ -64,10 +64,10 @@ def _end_of(path: Path) -> str | None:
     return "exited" if text.startswith("exit") else "stopped"
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_memory(path: Path) -> MemoryRecord | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return MemoryRecord.read(path)
+    except InvalidRecord:
         return None
 
 
@@ -93,11 +93,11 @@ def explain_exit(stage: Stage, stage_dir: StageDir, exit_code: int) -> tuple[str
 
 
 def resume_advice(stage_dir: StageDir) -> str:
-    """For failures that running the same command again gets past."""
-    checkpoint = stage_dir.latest_checkpoint()
+    """What running the same command again does (after fixing what the log shows, if anything)."""
+    checkpoint = intact_checkpoint(stage_dir)
     if checkpoint is None:
-        return "  rerun the same command to run it again (it has no checkpoint yet)."
-    return f"  rerun the same command to resume it from its latest checkpoint ({checkpoint})."
+        return "  rerun the same command to run it again from its start (it has no intact checkpoint)."
+    return f"  rerun the same command to resume it from its newest intact checkpoint ({checkpoint})."
 
 
 def memory_advice(stage: Stage, stage_dir: StageDir) -> str:
@@ -119,7 +119,7 @@ def memory_advice(stage: Stage, stage_dir: StageDir) -> str:
     changes.append("a machine with more memory")
     lines = ["  the same plan would most likely be killed the same way; lower each rank's memory first, in the plan:"]
     lines += [f"    - {change}" for change in changes]
-    checkpoint = stage_dir.latest_checkpoint()
+    checkpoint = intact_checkpoint(stage_dir)
     if checkpoint:
         lines.append(f"  if something other than memory sent the SIGKILL, the same command resumes from {checkpoint}.")
     return "\n".join(lines)
@@ -131,8 +131,8 @@ def _memory_table(ranks: list[RankEnd]) -> str:
         how = {"killed": "killed", "stopped": "stopped by the launcher", "exited": "exited", "crashed": "crashed"}.get(r.end, "end not recorded")
         memory = r.memory
         if memory:
-            total = f" of {_gb(memory['host_memory_bytes'])} on {memory['host']}" if memory.get("host_memory_bytes") else ""
-            peak = f"peak RSS {_gb(memory['peak_rss_bytes'])}{total} (last recorded at '{memory['milestone']}')"
+            total = f" of {_gb(memory.host_memory_bytes)} on {memory.host}" if memory.host_memory_bytes else ""
+            peak = f"peak RSS {_gb(memory.peak_rss_bytes)}{total} (last recorded at '{memory.milestone}')"
         else:
             peak = "no memory recorded"
         lines.append(f"  rank {r.rank}: {how}; {peak}; log: {r.log}")

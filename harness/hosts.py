@@ -1,5 +1,5 @@
-"""Which hosts a stage runs on: the plan's hostfile or host list, or the SLURM allocation.
-Never imports torch."""
+"""Which hosts a stage runs on: the plan's hostfile or host list, or the SLURM allocation; and
+how many GPUs this machine has. Never imports torch."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ def hostfile_path(stage: Stage, stage_dir: StageDir) -> str | None:
         return None
     if stage.cluster.hostfile and "SLURM_JOB_NODELIST" not in os.environ:
         return stage.cluster.hostfile
-    return str(stage_dir.root / "hostfile")
+    return str(stage_dir.hostfile)
 
 
 def resolve_hosts(stage: Stage, stage_dir: StageDir) -> tuple[str | None, list[str], str]:
@@ -34,6 +34,15 @@ def resolve_hosts(stage: Stage, stage_dir: StageDir) -> tuple[str | None, list[s
     if cluster.hosts:
         Path(hostfile).write_text(hostfile_text(cluster.hosts, stage.procs_per_node))
     return hostfile, hostfile_hosts(Path(hostfile).read_text()), cluster.master_addr
+
+
+def local_gpu_count() -> int | None:
+    """The GPUs `nvidia-smi -L` lists on this machine; None when it cannot be run."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
 def _scontrol(*args: str) -> str:

@@ -12,9 +12,14 @@ Facts behind the choices (DeepSpeed 0.19.8, see shared/DESIGN.md and slurm/NOTES
 - Remote nodes get only MLFLOW*/PYTHON*/MV2*/UCX* variables from the runner;
   everything else travels in the .deepspeed_env file (KEY=VAL lines, and a
   blank line crashes the runner).
+- The multi-node runners copy those variables and every .deepspeed_env line onto the
+  command line they log (pdsh: `export KEY=VAL;`, slurm: `--export=ALL,KEY=VAL`), so
+  secrets stay out of both: pdsh ranks read them from a private file (HARNESS_SECRETS_FILE),
+  the other ranks inherit them from the launcher's environment.
 """
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -27,9 +32,18 @@ SRUN_ARGS = "--wait=60"
 # Variables of the launching shell that the ranks need on every node.
 PASSED_THROUGH = (
     "PATH", "PYTHONPATH", "VIRTUAL_ENV", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST",
-    "WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "HARNESS_STOP_FILE",
+    "WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HARNESS_STOP_FILE", "HARNESS_FAULT",
     "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG", "GLOO_SOCKET_IFNAME", "MALLOC_MMAP_THRESHOLD_",
 )
+# A secret is a variable whose name has one of these words (WANDB_API_KEY, HF_TOKEN,
+# AWS_SECRET_ACCESS_KEY, ...; not TOKENIZERS_PARALLELISM). Secrets never land in the run
+# folder: users keep it on shared file systems and hand it to colleagues.
+SECRET_WORDS = re.compile(r"(?:^|_)(?:TOKEN|SECRET|PASSWORD|API_KEY)(?:_|$)", re.IGNORECASE)
+# The variable that names the secrets file of a pdsh launch; the worker loads it first thing.
+SECRETS_FILE_VAR = "HARNESS_SECRETS_FILE"
+# DeepSpeed's multi-node runners copy every launcher variable with these prefixes onto the command
+# line they log (runner.py EXPORT_ENVS and the CUDA accelerator's export_envs, 0.19.8).
+DEEPSPEED_FORWARDED = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 
 
 def launcher_command(stage: Stage, stage_dir: StageDir, master_addr: str, master_port: int, deepspeed_bin: str, hostfile: str | None) -> list[str]:
@@ -82,9 +96,34 @@ def rank_environment(stage: Stage, base: dict[str, str], master_addr: str, maste
     return env
 
 
+def is_secret(name: str) -> bool:
+    return SECRET_WORDS.search(name) is not None
+
+
+def split_secrets(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the plain variables, the secrets) of env."""
+    plain = {key: value for key, value in env.items() if not is_secret(key)}
+    return plain, {key: value for key, value in env.items() if key not in plain}
+
+
+def launcher_environment(launcher: str, base: dict[str, str], rank_env: dict[str, str]) -> dict[str, str]:
+    """The `deepspeed` launcher's environment: base plus the ranks' variables, less the secrets it
+    would print. The single-node runner prints none and its ranks inherit them; the slurm runner
+    prints the DEEPSPEED_FORWARDED ones and srun passes the rest on (--export=ALL); pdsh ranks
+    get nothing from it but what it prints, so it holds no secret (they read the secrets file)."""
+    def printed(name: str) -> bool:
+        if launcher == "local" or not is_secret(name):
+            return False
+        return launcher == "pdsh" or name.startswith(DEEPSPEED_FORWARDED)
+
+    return {key: value for key, value in {**base, **rank_env}.items() if not printed(key)}
+
+
 def deepspeed_env_file(env: dict[str, str]) -> str:
-    """Contents of .deepspeed_env: KEY=VAL lines, no blank line (it crashes the runner)."""
-    return "".join(f"{key}={value}\n" for key, value in sorted(env.items()) if value != "")
+    """Contents of .deepspeed_env: KEY=VAL lines, no blank line (it crashes the runner), no secret
+    (the runners log every line)."""
+    plain, _ = split_secrets(env)
+    return "".join(f"{key}={value}\n" for key, value in sorted(plain.items()) if value != "")
 
 
 def hostfile_text(hosts: list[str], slots: int) -> str:

@@ -13,11 +13,15 @@
                                 a tag counts once rank 0 wrote step<N>/complete after every rank saved
         model/                  consolidated Hugging Face model: the handoff to the next stage
         metrics.jsonl           one JSON line per logged step (rank 0)
+        started.json            how the stage started (load mode, start digests), and each resume
         manifest.json           written last, atomically: the stage is done when it is valid
+        hostfile                the hosts of a pdsh/SLURM launch (from the plan's host list or the allocation)
+        .deepspeed_env          variables the launcher passes to remote ranks (no secrets; 0600)
         ranks/                  one file per rank: host and pid, for cleanup and checks
                                 (rank<N>.json), its log, memory-rank<N>.json, end-rank<N>.txt
-      slurm/                    rendered sbatch scripts and job ids (harness submit)
+      slurm/                    rendered sbatch scripts, their stop files and logs, and jobs.json (harness submit)
       wandb/, wandb_id.txt      W&B files and the run's W&B key (one W&B run per stage)
+      report.png, report.json   `harness report`: curves and the table
 """
 from __future__ import annotations
 
@@ -74,12 +78,32 @@ class StageDir:
         return self.root / "manifest.json"
 
     @property
+    def started(self) -> Path:
+        return self.root / "started.json"
+
+    @property
+    def hostfile(self) -> Path:
+        return self.root / "hostfile"
+
+    @property
+    def deepspeed_env(self) -> Path:
+        return self.root / ".deepspeed_env"
+
+    @property
     def ranks(self) -> Path:
         return self.root / "ranks"
 
     def rank_log(self, rank: int) -> Path:
         """Where a rank's output goes: rank 0 prints to the launcher's log, the others to their own."""
         return self.launcher_log if rank == 0 else self.ranks / f"rank{rank}.log"
+
+    def rank_record(self, rank: int) -> Path:
+        """Where the rank runs (host, pid, its launcher's pid), written when it starts."""
+        return self.ranks / f"rank{rank}.json"
+
+    def rank_records(self) -> list[Path]:
+        """The rank records of the latest launch (each launch starts with an empty ranks/)."""
+        return sorted(self.ranks.glob("rank*.json"))
 
     def rank_memory(self, rank: int) -> Path:
         """The rank's peak and current RSS at its last milestone (harness/worker/memory.py)."""
@@ -116,6 +140,39 @@ class RunDir:
     @property
     def slurm(self) -> Path:
         return self.root / "slurm"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """The submitted jobs and their ids."""
+        return self.slurm / "jobs.json"
+
+    def slurm_script(self, job: str) -> Path:
+        return self.slurm / f"{job}.sbatch"
+
+    def slurm_stop(self, job: str) -> Path:
+        """Touched by the batch script on SIGUSR1: the ranks checkpoint and exit."""
+        return self.slurm / f"{job}.stop"
+
+    def slurm_log(self, job: str) -> Path:
+        return self.slurm / f"{job}-%j.out"
+
+    @property
+    def report_png(self) -> Path:
+        return self.root / "report.png"
+
+    @property
+    def report_json(self) -> Path:
+        """`harness report`'s table rows."""
+        return self.root / "report.json"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+    @property
+    def wandb_key(self) -> Path:
+        """A random token written once: W&B run ids and the group derive from it."""
+        return self.root / "wandb_id.txt"
 
     def stage(self, index: int, name: str) -> StageDir:
         """The folder of stage number `index` (0-based) named `name`."""

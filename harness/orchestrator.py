@@ -12,8 +12,9 @@ from typing import Callable
 
 from harness.failures import explain_exit, resume_advice
 from harness.layout import RunDir, StageDir
-from harness.manifest import valid_manifest, write_atomic
 from harness.processes import launch_stage
+from harness.records import is_done, write_atomic
+from harness.resume import drop_conversions, prepare_resume
 from harness.setup import RunSetup, write_setup
 from harness.stages import Stage
 from harness.token_store import build_missing, required_stores
@@ -37,30 +38,42 @@ def run_stages(setup: RunSetup, only: int | None = None, echo: Callable[[str], N
     todo = [stage for stage in setup.stages if only in (None, stage.index)]
     # Tokenize before anything launches (no collective waits on it) and before anything is
     # written: a data problem is bad input (exit 2).
-    build_missing(required_stores([stage for stage in todo if not _done(setup.run, stage)]), echo)
+    build_missing(required_stores([stage for stage in todo if not is_done(_dir(setup, stage))]), echo)
     write_setup(setup)
+    collect_metrics(setup.run)
     for stage in todo:
-        stage_dir = setup.run.stage(stage.index, stage.name)
-        if _done(setup.run, stage):
+        stage_dir = _dir(setup, stage)
+        if stage.index not in setup.resumes:
             echo(f"[harness] stage {stage.index:02d} {stage.name}: done, skipped")
             continue
+        resume = setup.resumes[stage.index]
         echo(f"[harness] stage {stage.index:02d} {stage.name}: {stage.kind}, ZeRO-{stage.settings.zero_stage}, "
-             f"{stage.world_size} rank(s), {stage.optimizer_type}, {stage.steps} steps")
-        exit_code = launch_stage(stage, stage_dir)
+             f"{stage.world_size} rank(s), {stage.optimizer_type}, {stage.steps} steps"
+             + ("" if resume.mode == "fresh" else f"; resumes from {resume.tag} ({resume.mode})"))
+        prepare_resume(resume, stage, stage_dir, echo)
+        try:
+            exit_code = launch_stage(stage, stage_dir)
+        finally:
+            collect_metrics(setup.run)  # whatever happened, the run-level file has every row the stages wrote
+        if is_done(stage_dir):
+            if exit_code != 0:
+                echo(f"[harness] stage {stage.index:02d} {stage.name}: the launcher exited {exit_code} after the manifest was "
+                     "written; the handoff is complete and verified, so the stage is done")
+            drop_conversions(stage_dir)
+            continue
         if exit_code != 0:
             raise StageFailed(stage, stage_dir, exit_code, *explain_exit(stage, stage_dir, exit_code))
-        if valid_manifest(stage_dir.manifest) is None:
-            raise StageFailed(stage, stage_dir, exit_code, "no valid manifest.json was written", resume_advice(stage_dir))
-        collect_metrics(setup.run)
+        raise StageFailed(stage, stage_dir, exit_code, "no valid manifest.json was written", resume_advice(stage_dir))
     if only is None:
-        echo(f"[harness] all {len(setup.stages)} stage(s) done; final model: {setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model}")
+        echo(f"[harness] all {len(setup.stages)} stage(s) done; final model: {_dir(setup, setup.stages[-1]).model}")
 
 
-def _done(run: RunDir, stage: Stage) -> bool:
-    return valid_manifest(run.stage(stage.index, stage.name).manifest) is not None
+def _dir(setup: RunSetup, stage: Stage) -> StageDir:
+    return setup.run.stage(stage.index, stage.name)
 
 
 def collect_metrics(run: RunDir) -> None:
-    """<out>/metrics.jsonl: the stages' metric lines in run order, one file for the whole run."""
+    """<out>/metrics.jsonl: the stages' metric lines in run order, derived from the stages' own
+    files (so no window between a stage's rows and this file loses any)."""
     lines = "".join(d.metrics.read_text() for d in run.stage_dirs() if d.metrics.exists())
     write_atomic(run.metrics, lines)

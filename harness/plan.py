@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from harness import data_check
 
 # DeepSpeed accepts these case-insensitively (its own optimizers) or as exact
 # torch.optim names; we normalise the user's spelling to the one DeepSpeed needs
@@ -42,6 +46,46 @@ OPTIMIZER_PARAMS = {
 # DeepSpeed 0.19.8: Lamb and Lion (without offload) fail on CPU.
 CPU_UNSUPPORTED_OPTIMIZERS = {"Lamb", "Lion"}
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+def _text(pattern: str, allowed: str) -> Any:
+    """A str type whose value must match pattern in full; its error says what is allowed."""
+
+    def check(value: str) -> str:
+        if re.fullmatch(pattern, value) is None:
+            raise ValueError(allowed)
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+# Plan values the harness writes into files and command lines (.deepspeed_env, hostfiles, sbatch
+# scripts, the launcher's argv) must not add lines or options there; those a shell reads must be
+# one plain word: DeepSpeed's pdsh runner puts the host list and `export KEY=VALUE;` for every
+# .deepspeed_env line into a remote shell command, unquoted.
+OneLine = _text(r"[^\n\r\0]*", "one line: no newline, carriage return or NUL")
+ShellWord = _text(r"[^\s\0;&|<>()$`\\\"']*", "one shell word: no whitespace, quotes, NUL or ; & | < > ( ) $ ` \\ "
+                  "(DeepSpeed's pdsh runner exports it unquoted in a remote shell)")
+SECRET_IN_PLAN = ("secrets do not belong in the plan (it is copied into the run folder): "
+                  "export it in the shell that runs harness")
+
+
+def _not_secret(name: str) -> str:
+    from harness.launch import is_secret  # launch imports this module (through stages)
+
+    if is_secret(name):
+        raise ValueError(SECRET_IN_PLAN)
+    return name
+
+
+EnvName = Annotated[_text(r"[A-Za-z_][A-Za-z0-9_]*", "a variable name: a letter or _, then letters, digits or _"), AfterValidator(_not_secret)]
+HOST_PATTERN = r"[A-Za-z0-9_.:-]+"
+HostName = _text(HOST_PATTERN, "a host name or address: letters, digits and . _ - : (no whitespace or shell metacharacters)")
+HostSelection = _text(r"[A-Za-z0-9_.:@,-]+", "hosts and slots as DeepSpeed takes them (node1:0,1@node2): letters, digits and "
+                      ". _ - : @ , (no whitespace or shell metacharacters)")
+SbatchValue = _text(r"[^\s\0]+", "one word: no whitespace or NUL (an #SBATCH line takes one value)")
+SlurmTime = _text(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:UNLIMITED|INFINITE)",
+                  "a SLURM time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED")
 
 
 class Strict(BaseModel):
@@ -90,18 +134,19 @@ class ClusterSpec(Strict):
     procs_per_node: int = Field(1, ge=1)
     """GPUs per node (or CPU processes per node)."""
     hostfile: str | None = None
-    """DeepSpeed hostfile ('host slots=N' lines); pdsh only."""
-    hosts: list[str] | None = None
+    """DeepSpeed hostfile ('host slots=N' lines, # comments), relative to the plan; pdsh only."""
+    hosts: list[HostName] | None = None
     """Host list instead of a hostfile; pdsh only."""
-    include: str | None = None
-    exclude: str | None = None
-    master_addr: str = "127.0.0.1"
+    include: HostSelection | None = None
+    exclude: HostSelection | None = None
+    master_addr: HostName = "127.0.0.1"
     master_port: int | None = Field(None, ge=1024, le=65535)
     """First port to try; each phase takes the next free one (a reused port stalls init ~30 s)."""
-    launcher_args: list[str] = []
+    launcher_args: list[OneLine] = []
     """Extra arguments for the `deepspeed` launcher, passed as given."""
-    env: dict[str, str] = {}
-    """Environment for every rank (written to .deepspeed_env for remote nodes)."""
+    env: dict[EnvName, ShellWord] = {}
+    """Environment for every rank (written to .deepspeed_env for remote nodes). No secrets: the plan
+    is copied into the run folder; export them in the shell that runs harness."""
 
 
 class OptimizerSpec(Strict):
@@ -283,7 +328,12 @@ class TrainSettings(Strict):
     procs_per_node: int | None = Field(None, ge=1)
     """Override cluster.procs_per_node for this phase."""
     deepspeed: dict[str, Any] = {}
-    """Raw DeepSpeed config, deep-merged last over the generated one."""
+    """Raw DeepSpeed config merged last over the generated one, or the path of a DeepSpeed JSON file
+    (relative to the plan; read at load), e.g. LLaMA-Factory's or axolotl's ds_z3_config.json.
+    "auto" takes the generated value at the same key (see ds_config.merge_deepspeed_block); keys the
+    plan decides (batch sizes, precision, ZeRO stage, optimizer and scheduler type) may only be
+    "auto" or repeat the plan's value, except that the block's zero_optimization.stage is the
+    zero_stage when the plan sets none."""
 
     @model_validator(mode="after")
     def _offload_fits_zero(self) -> TrainSettings:
@@ -302,6 +352,23 @@ class StageSettings(TrainSettings):
     data: Literal["pretrain", "finetune", "mix"] = "mix"
 
 
+def _overrides(model: type[Strict]) -> type[Strict]:
+    """The override form of a model: the same fields, each optional (None when not given) with its
+    constraints kept, nested blocks in override form too; without the model's validators, since an
+    override is checked field by field here and as a whole once merged over what it overrides."""
+    fields = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Strict):
+            annotation = _overrides(annotation)
+        fields[name] = (annotation | None, FieldInfo.merge_field_infos(field, default=None))
+    return create_model(f"{model.__name__}Override", __base__=Strict, __doc__=f"{model.__name__} fields to override.", **fields)
+
+
+StageOverride = _overrides(StageSettings)
+"""A multistep stage as the plan gives it: the StageSettings fields it changes."""
+
+
 class PhaseSpec(TrainSettings):
     """One phase: a pretrain, finetune or multistep block of training."""
 
@@ -310,8 +377,8 @@ class PhaseSpec(TrainSettings):
     data: DataSpec | MultistepData
     cycles: int = Field(1, ge=1)
     """multistep: how many times the stage list repeats."""
-    stages: list[dict[str, Any]] = []
-    """multistep: stage overrides, each merged over this phase's settings (validated as StageSettings)."""
+    stages: list[StageOverride] = []
+    """multistep: stage overrides, each merged over this phase's settings (then validated as StageSettings)."""
 
     def settings(self) -> TrainSettings:
         """The phase's training settings (the plan's defaults are already merged in)."""
@@ -319,7 +386,11 @@ class PhaseSpec(TrainSettings):
 
     def stage_settings(self, j: int) -> StageSettings:
         """Multistep stage j: its overrides merged over the phase's settings. Raises ValidationError."""
-        return StageSettings.model_validate(deep_merge(self.settings().model_dump(), self.stages[j]))
+        return StageSettings.model_validate(self.stage_input(j))
+
+    def stage_input(self, j: int) -> dict[str, Any]:
+        """Multistep stage j as plain data: the fields it gives merged over the phase's settings."""
+        return deep_merge(self.settings().model_dump(), self.stages[j].model_dump(exclude_unset=True))
 
     @model_validator(mode="after")
     def _kind_fits(self) -> PhaseSpec:
@@ -355,18 +426,18 @@ class WandbSpec(Strict):
 class SlurmSpec(Strict):
     """sbatch options for `harness submit`: one job per stage, chained with afterok."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "01:00:00"
-    """Time limit per job (sbatch --time)."""
+    partition: SbatchValue | None = None
+    account: SbatchValue | None = None
+    qos: SbatchValue | None = None
+    time: SlurmTime = "01:00:00"
+    """Time limit per job (sbatch --time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED."""
     gpus_per_node: int | None = Field(None, ge=0)
     """Default: procs_per_node on GPU clusters, none on CPU."""
     cpus_per_task: int | None = Field(None, ge=1)
     preempt_grace_s: int = Field(120, ge=10)
     """SLURM sends USR1 this long before the time limit: the ranks checkpoint and the job requeues."""
     max_requeues: int = Field(20, ge=0)
-    extra: list[str] = []
+    extra: list[OneLine] = []
     """Further sbatch options, one per item, e.g. "--constraint=h100"."""
 
 
@@ -394,10 +465,11 @@ class Plan(Strict):
 
 
 class PlanError(Exception):
-    """Every problem found in a plan, each as (field path, value, what is allowed)."""
+    """Every problem found in a plan, each as (field path, value, what is allowed). A problem found
+    twice (a multistep stage is checked once per cycle) is listed once."""
 
     def __init__(self, problems: list[tuple[str, Any, str]]):
-        self.problems = problems
+        self.problems = list({(path, repr(value), allowed): (path, value, allowed) for path, value, allowed in problems}.values())
         super().__init__(self.message())
 
     def message(self) -> str:
@@ -426,78 +498,205 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def _problems_from(error: ValidationError, prefix: str, raw: Any) -> list[tuple[str, Any, str]]:
+    """The problems of a pydantic error about raw (the input it validated), their paths under prefix."""
     problems = []
     for item in error.errors():
-        loc = [str(p) for p in item["loc"] if not str(p).startswith(("function-after", "function-before"))]
-        # Unions name their branch in the location (e.g. "DataSpec"); drop those.
-        loc = [p for p in loc if not p[:1].isupper()]
-        path = prefix
-        for part in loc:
-            path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
-        value = item.get("input", raw)
+        if _other_data_form(item["loc"], raw):
+            continue
         msg = item["msg"].removeprefix("Value error, ")
-        problems.append((path, value, msg))
+        problems.append((_field_path(item["loc"], raw, prefix), item.get("input", raw), msg))
     return problems
 
 
+def _field_path(loc: tuple, raw: Any, prefix: str) -> str:
+    """The plan field an error location names, e.g. 'phases[0].data.files[1]'. Besides the keys and
+    indexes of the input, pydantic's locations hold labels, which are dropped: the branch of a union
+    ('MultistepData', "literal['alternate']", 'function-after[_one_source(), DataSpec]') and '[key]'
+    for a mapping's key. A name the input lacks is a missing field when it comes last."""
+    path, node = prefix, raw
+    for k, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(node, dict) and (part in node or k == len(loc) - 1 and str(part).isidentifier()):
+            path, node = f"{path}.{part}" if path else str(part), node.get(part)
+    return path
+
+
+def _other_data_form(loc: tuple, raw: Any) -> bool:
+    """Whether an error is about the form of data the phase's kind does not take. PhaseSpec.data is
+    a union, so pydantic says what is wrong with the data both as one data set (DataSpec) and as
+    multistep's pair (MultistepData); the user meant the form their phase's kind takes."""
+    if len(loc) < 4 or loc[0] != "phases" or loc[2] != "data":
+        return False
+    meant = "MultistepData" if raw["phases"][loc[1]].get("kind") == "multistep" else "DataSpec"
+    return meant not in str(loc[3])
+
+
 def parse_plan(raw: Any, base_dir: Path) -> Plan:
-    """Validate a plan given as plain data; relative file paths resolve against base_dir."""
+    """Validate a plan given as plain data; relative file paths resolve against base_dir. Raises one
+    PlanError with every problem: the schema's, and those found in each block that is valid on its
+    own (the model, the cluster and its hostfile, each phase's stages and data files), so fixing
+    one problem does not reveal the next."""
     if not isinstance(raw, dict):
         raise PlanError([("", raw, "a plan is a mapping with name, model, phases")])
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # filled in below: the defaults, and deepspeed blocks read from files
     defaults = raw.pop("defaults", {}) or {}
-    problems: list[tuple[str, Any, str]] = []
     if not isinstance(defaults, dict):
         raise PlanError([("defaults", defaults, "a mapping of phase settings")])
-    phases = raw.get("phases")
-    if isinstance(phases, list):
-        raw["phases"] = [deep_merge(defaults, p) if isinstance(p, dict) else p for p in phases]
+    problems = _read_deepspeed_files([("defaults", defaults), *_settings_blocks(raw.get("phases"))], base_dir)
+    phases = raw.get("phases") if isinstance(raw.get("phases"), list) else []
+    if phases:
+        raw["phases"] = phases = [deep_merge(defaults, p) if isinstance(p, dict) else p for p in phases]
+        for _, settings in _settings_blocks(phases):
+            _zero_stage_from_block(settings)
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as error:
-        raise PlanError(_problems_from(error, "", raw)) from None
-    problems += _check_stages(plan)
-    model, model_problems = resolve_model(plan.model, base_dir)
-    problems += model_problems + _check_paths(plan, base_dir)
+        plan = None
+        problems += _problems_from(error, "", raw)
+    model = plan.model if plan else _valid(ModelSpec, raw.get("model"))
+    cluster = plan.cluster if plan else _valid(ClusterSpec, raw.get("cluster", {}))
+    if model is not None:
+        model, model_problems = resolve_model(model, base_dir)
+        problems += model_problems
+    if cluster is not None:
+        problems += _check_cluster(cluster, base_dir)
+    for i, phase in enumerate(plan.phases if plan else [_valid(PhaseSpec, p) for p in phases]):
+        if phase is not None:
+            problems += _check_phase(i, phase, base_dir)
     if problems:
         raise PlanError(problems)
     return _resolve_paths(plan.model_copy(update={"model": model}), base_dir)
 
 
-def _check_stages(plan: Plan) -> list[tuple[str, Any, str]]:
-    """Multistep stage overrides are validated against the phase they merge into."""
+def _valid(model: type[Strict], value: Any) -> Any:
+    """value as model, or None when it is not valid (the plan's validation lists its problems)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def _settings_blocks(phases: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field path, mapping) of every block of training settings in the raw phases: each phase,
+    and each stage of a multistep phase."""
+    for i, phase in enumerate(phases if isinstance(phases, list) else []):
+        if isinstance(phase, dict):
+            yield f"phases[{i}]", phase
+            stages = phase.get("stages")
+            for j, stage in enumerate(stages if isinstance(stages, list) else []):
+                if isinstance(stage, dict):
+                    yield f"phases[{i}].stages[{j}]", stage
+
+
+def _read_deepspeed_files(blocks: list[tuple[str, dict[str, Any]]], base_dir: Path) -> list[tuple[str, Any, str]]:
+    """Replace each `deepspeed:` value that is a path by the JSON object in that file (relative to
+    the plan); the problems of those that cannot be read."""
     problems = []
-    for i, phase in enumerate(plan.phases):
-        for j, override in enumerate(phase.stages):
-            try:
-                phase.stage_settings(j)
-            except ValidationError as error:
-                problems += _problems_from(error, f"phases[{i}].stages[{j}]", override)
-        if phase.kind == "pretrain" and phase.epochs is not None:
-            problems.append((f"phases[{i}].epochs", phase.epochs, "pretrain phases take steps or tokens (packed blocks are counted only after tokenizing)"))
-        if phase.kind != "multistep":
-            given = [k for k in ("steps", "epochs", "tokens") if getattr(phase, k) is not None]
-            if len(given) != 1:
-                problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
+    for where, settings in blocks:
+        value = settings.get("deepspeed")
+        if not isinstance(value, str):
+            continue
+        path = base_dir / os.path.expanduser(value)
+        try:
+            block = json.loads(path.read_text())
+            why = "" if isinstance(block, dict) else f"{path} holds a JSON {type(block).__name__}"
+        except OSError as error:
+            why = f"{path} cannot be read ({error.strerror})"
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            why = f"{path} is not valid JSON ({error})"
+        if why:
+            problems.append((f"{where}.deepspeed", value, f"a mapping, or a DeepSpeed JSON file (relative to the plan) holding an object: {why}"))
+            del settings["deepspeed"]  # reported here; the schema would report the path again
+        else:
+            settings["deepspeed"] = block
     return problems
 
 
-def _data_specs(phase: PhaseSpec) -> list[tuple[str, DataSpec]]:
+def _zero_stage_from_block(settings: dict[str, Any]) -> None:
+    """A deepspeed block that sets zero_optimization.stage (a pasted ds_z3_config.json) gives the
+    zero_stage when the plan sets none; when both are set, they must agree (ds_config checks it, and
+    reports a stage that is no ZeRO stage at the block's key)."""
+    block = settings.get("deepspeed")
+    zero = block.get("zero_optimization") if isinstance(block, dict) else None
+    if isinstance(zero, dict) and zero.get("stage") in (0, 1, 2, 3):
+        settings.setdefault("zero_stage", zero["stage"])
+
+
+# DeepSpeed's hostfile line: a host, then slots=N (its GPUs, or CPU ranks); # starts a comment.
+HOSTFILE_LINE = re.compile(rf"({HOST_PATTERN})\s+slots=([1-9]\d*)")
+
+
+def _check_cluster(cluster: ClusterSpec, base_dir: Path) -> list[tuple[str, Any, str]]:
+    """Cluster settings that cannot work: pdsh without hosts, a hostfile DeepSpeed would refuse.
+    (Several nodes on the local launcher, a phase's own nodes included, are found with the stages.)"""
+    problems = []
+    if cluster.launcher == "pdsh" and not (cluster.hostfile or cluster.hosts):
+        problems.append(("cluster.launcher", cluster.launcher, "pdsh starts ranks on the hosts it is given: set cluster.hostfile or cluster.hosts"))
+    if cluster.hostfile is not None:
+        problems += [("cluster.hostfile", cluster.hostfile, why) for why in _hostfile_problems(base_dir / cluster.hostfile)]
+    return problems
+
+
+def _hostfile_problems(path: Path) -> list[str]:
+    """What DeepSpeed's launcher would refuse in a hostfile, or a shell would read as more than a
+    host name, each with its line number."""
+    if not path.is_file():
+        return [f"an existing hostfile ({path} is not a file)"]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return [f"a readable text file ({path}: {error})"]
+    problems, first_line = [], {}
+    for n, line in enumerate(lines, 1):
+        text = line.split("#")[0].strip()
+        if not text:
+            continue
+        match = HOSTFILE_LINE.fullmatch(text)
+        if match is None:
+            problems.append(f"line {n} of {path}: {line.strip()!r} is not 'host slots=N' (N >= 1; # starts a comment)")
+        elif match[1] in first_line:
+            problems.append(f"line {n} of {path}: host {match[1]} is listed again (first on line {first_line[match[1]]})")
+        else:
+            first_line[match[1]] = n
+    if not first_line and not problems:
+        problems.append(f"{path} lists no host: one 'host slots=N' line per node")
+    return problems
+
+
+def _check_phase(i: int, phase: PhaseSpec, base_dir: Path) -> list[tuple[str, Any, str]]:
+    """Rules of a phase beyond its schema: each multistep stage merged over the phase, the length,
+    the data files (they exist, and a sample of each reads as the phase's kind needs)."""
+    problems = []
+    for j in range(len(phase.stages)):
+        try:
+            phase.stage_settings(j)
+        except ValidationError as error:
+            problems += _problems_from(error, f"phases[{i}].stages[{j}]", phase.stage_input(j))
+    if phase.kind == "pretrain" and phase.epochs is not None:
+        problems.append((f"phases[{i}].epochs", phase.epochs, "pretrain phases take steps or tokens (packed blocks are counted only after tokenizing)"))
+    if phase.kind != "multistep":
+        given = [k for k in ("steps", "epochs", "tokens") if getattr(phase, k) is not None]
+        if len(given) != 1:
+            problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
+    for where, kind, spec in _data_specs(phase):
+        columns = [spec.text_field] if kind == "pretrain" else [spec.prompt_field, spec.response_field]
+        for k, pattern in enumerate(spec.files):
+            files = expand_files([pattern], base_dir)
+            if not files:
+                problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
+            for file in files:
+                why = data_check.file_problem(file, spec.resolved_format(), columns)
+                if why is not None:
+                    problems.append((f"phases[{i}].{where}.files[{k}]", file, why))
+    return problems
+
+
+def _data_specs(phase: PhaseSpec) -> list[tuple[str, str, DataSpec]]:
+    """(field path in the phase, kind of rows, data set) of each data set of a phase."""
     if isinstance(phase.data, MultistepData):
-        return [("data.pretrain", phase.data.pretrain), ("data.finetune", phase.data.finetune)]
-    return [("data", phase.data)]
-
-
-def _check_paths(plan: Plan, base_dir: Path) -> list[tuple[str, Any, str]]:
-    problems = []
-    if plan.cluster.hostfile is not None and not (base_dir / plan.cluster.hostfile).is_file():
-        problems.append(("cluster.hostfile", plan.cluster.hostfile, "an existing hostfile"))
-    for i, phase in enumerate(plan.phases):
-        for where, spec in _data_specs(phase):
-            for k, pattern in enumerate(spec.files):
-                if not expand_files([pattern], base_dir):
-                    problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
-    return problems
+        return [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
+    return [("data", phase.kind, phase.data)]
 
 
 def expand_files(patterns: list[str], base_dir: Path) -> list[str]:

@@ -14,11 +14,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from harness.hosts import resolve_hosts
-from harness.launch import deepspeed_binary, deepspeed_env_file, launcher_command, rank_environment, shell_quote
+from harness.launch import (SECRETS_FILE_VAR, deepspeed_binary, deepspeed_env_file, launcher_command, launcher_environment,
+                            rank_environment, shell_quote, split_secrets)
 from harness.layout import StageDir
+from harness.records import RankRecord
 from harness.stages import Stage
 from harness.wandb_mode import resolve_mode
 
@@ -48,10 +54,19 @@ def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
     argv = launcher_command(stage, stage_dir, master_addr, port, deepspeed_binary(sys.executable), hostfile)
     stage_dir.command.write_text(shell_quote(argv) + "\n")
     rank_env = {**rank_environment(stage, dict(os.environ), master_addr, port), "WANDB_MODE": resolve_mode(stage.wandb.mode)}
-    env_file = stage_dir.root / ".deepspeed_env"
-    env_file.write_text(deepspeed_env_file(rank_env))
     shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt
-    env = {**os.environ, **rank_env, "DS_ENV_FILE": str(env_file)}
+    _, secrets = split_secrets(rank_env)
+    # pdsh ranks get only what the launcher prints on its logged command line: their secrets wait
+    # in a private file for the length of the launch. Other ranks inherit the launcher's environment.
+    with _secrets_file(secrets if stage.cluster.launcher == "pdsh" else {}) as secrets_file:
+        if secrets_file:
+            rank_env[SECRETS_FILE_VAR] = secrets_file
+        _write_private(stage_dir.deepspeed_env, deepspeed_env_file(rank_env))
+        env = {**launcher_environment(stage.cluster.launcher, dict(os.environ), rank_env), "DS_ENV_FILE": str(stage_dir.deepspeed_env)}
+        return _run_launcher(argv, env, stage, stage_dir, hosts)
+
+
+def _run_launcher(argv: list[str], env: dict[str, str], stage: Stage, stage_dir: StageDir, hosts: list[str]) -> int:
     with open(stage_dir.launcher_log, "ab") as log:
         log.write(f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode())
         process = subprocess.Popen(argv, cwd=stage_dir.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -64,6 +79,38 @@ def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_term)
+
+
+def secrets_dir() -> Path:
+    """Where pdsh launches keep their secrets files: under the home folder, which remote nodes
+    must see (or XDG_CACHE_HOME, set to a folder they see), never in the run folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harness" / "secrets"
+
+
+@contextmanager
+def _secrets_file(secrets: dict[str, str]) -> Iterator[str | None]:
+    """A JSON file of the secrets that only the user can read, for the length of the `with`
+    (also on Ctrl-C or a failure); None when there are no secrets."""
+    if not secrets:
+        yield None
+        return
+    folder = secrets_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="launch-", suffix=".json", dir=folder)  # created 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(secrets, f)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only the user can read: created 0600 (never readable by others, not even
+    briefly); a file already there, of whatever mode, is replaced."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
 
 
 def _raise_interrupt(signum, frame):
@@ -117,13 +164,13 @@ def end_ranks(stage_dir: StageDir, hosts: list[str]) -> None:
     only if that PID still runs this stage (its command line names this stage's stage.json).
     Ranks of node k are reached over ssh at hosts[k]; with no hosts, on this machine."""
     marker = shlex.quote(str(stage_dir.stage_json))
-    for rank_file in sorted(stage_dir.ranks.glob("rank*.json")):
-        rank = json.loads(rank_file.read_text())
+    for rank_file in stage_dir.rank_records():
+        rank = RankRecord.read(rank_file)
         kills = " ; ".join(
             f"tr '\\0' ' ' < /proc/{pid}/cmdline 2>/dev/null | grep -qF -- {marker} && kill -KILL {pid}"
-            for pid in (rank["launcher_pid"], rank["pid"])
+            for pid in (rank.launcher_pid, rank.pid)
         )
         command = ["bash", "-c", kills + " ; true"]
         if hosts:
-            command = ["ssh", "-o", "BatchMode=yes", hosts[rank["node_rank"]], kills + " ; true"]
+            command = ["ssh", "-o", "BatchMode=yes", hosts[rank.node_rank], kills + " ; true"]
         subprocess.run(command, capture_output=True, timeout=30)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.layout import RunDir, StageDir
+from harness.records import InvalidRecord, read_json_lines, read_manifest
 
 # "Final train loss" is the mean of this many last train/loss values of a
 # stage: a single last value is too noisy to compare stages or runs.
@@ -86,30 +87,17 @@ def _load_stage(stage_dir: StageDir) -> StageRecord:
     return StageRecord(
         name=name,
         folder=stage_dir.root,
-        manifest=_read_manifest(stage_dir.manifest),
-        rows=_read_metrics(stage_dir.metrics),
+        manifest=_read_manifest(stage_dir),
+        rows=read_json_lines(stage_dir.metrics),
     )
 
 
-def _read_manifest(path: Path) -> dict | None:
-    # The stage is done only when its manifest is valid JSON (see layout.py).
+def _read_manifest(stage_dir: StageDir) -> dict | None:
+    """The manifest of a done stage (records.is_done: valid, files intact), else None."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_manifest(stage_dir).model_dump(by_alias=True)
+    except InvalidRecord:
         return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A worker killed mid-write leaves a truncated last line.
-            continue
-    return rows
 
 
 def final_train_loss(stage: StageRecord) -> float | None:
@@ -154,9 +142,9 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
     stage boundaries and labels, eval loss points on top, and a panel of
     each stage's eval results. <out>/report.json holds report_table's rows.
     """
-    run = load_run(run_dir)
+    run, folder = load_run(run_dir), RunDir(Path(run_dir))
     rows = report_table(run)
-    png = Path(png_path) if png_path else run.root / "report.png"
+    png = Path(png_path) if png_path else folder.report_png
 
     fig = Figure(figsize=(12, 9), layout="constrained")
     loss_ax, eval_ax = fig.subplots(2, 1, height_ratios=[3, 2])
@@ -165,7 +153,7 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
     fig.suptitle(f"run {run.name}")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
-    (run.root / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    folder.report_json.write_text(json.dumps(rows, indent=2) + "\n")
     return png
 
 

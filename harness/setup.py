@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.ds_config import check_ds_config, get_train_ds_config, validate_with_deepspeed
-from harness.hosts import hostfile_path
+from harness.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config, validate_with_deepspeed
+from harness.hosts import hostfile_path, local_gpu_count
 from harness.launch import deepspeed_binary, launcher_command, shell_quote
 from harness.layout import RunDir, StageDir
-from harness.manifest import manifest_written
+from harness.records import ResumePoint, StageFile, is_done
+from harness.resume import ds_config_for, resume_point
 from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.processes import first_port
-from harness.stages import Stage, eval_size, expand_stages
+from harness.stages import Stage, eval_size, expand_stages, stage_fields
 from harness.token_store import count_rows
 
 
@@ -34,6 +36,8 @@ class RunSetup:
     stages: list[Stage]
     configs: list[dict[str, Any]]
     run: RunDir
+    resumes: dict[int, ResumePoint] = field(default_factory=dict)
+    """Unfinished stages: how each continues from its own checkpoints (set by write_setup)."""
 
 
 def detect_accelerator(choice: str) -> str:
@@ -61,14 +65,21 @@ def model_config(model: ModelSpec) -> dict[str, Any]:
 
 
 def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
-    """The plan, its stages and their DeepSpeed configs, all checked; raises PlanError on any problem."""
+    """The plan, its stages and their DeepSpeed configs, all checked; raises PlanError on any problem.
+    Only configs without a problem of their own are shown to DeepSpeed (an "auto" crashes its checks)."""
     plan = load_plan(plan_path)
-    stages = expand_stages(plan, detect_accelerator(plan.cluster.accelerator), count_train_rows, model_config(plan.model))
+    accelerator = detect_accelerator(plan.cluster.accelerator)
+    local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
+    stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus)
     configs = [get_train_ds_config(stage) for stage in stages]
-    problems = []
-    for stage, config in zip(stages, configs):
-        problems += [(f"stage '{stage.name}' deepspeed config", config.get("train_batch_size"), p) for p in check_ds_config(config, stage.world_size)]
-    problems += [(f"stage '{stages[index].name}' deepspeed", None, problem) for index, problem in validate_with_deepspeed(configs)]
+    problems, sound = [], []
+    for stage, config, where in zip(stages, configs, stage_fields(plan)):
+        own = [(f"{where}.deepspeed.{key}", value, allowed) for key, value, allowed in deepspeed_block_problems(stage)]
+        own += [(f"stage '{stage.name}' deepspeed config", config.get("train_batch_size"), p) for p in check_ds_config(config, stage.world_size)]
+        problems += own
+        if not own:
+            sound.append(stage)
+    problems += [(f"stage '{sound[k].name}' deepspeed", None, problem) for k, problem in validate_with_deepspeed([configs[s.index] for s in sound])]
     if problems:
         raise PlanError(problems)
     return plan, stages, configs
@@ -81,9 +92,22 @@ def plan_configs(plan_path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunSetup:
-    """Validate everything before anything is written; raises PlanError on any problem."""
-    plan, stages, configs = validated_stages(plan_path)
-    setup = RunSetup(Path(plan_path).read_text(), plan, stages, configs, RunDir(Path(out).resolve()))
+    """Validate everything before anything is written: the plan, and that --out is a folder this user
+    can write or create; raises PlanError listing every problem."""
+    root = Path(out).resolve()
+    nearest = next(p for p in (root, *root.parents) if p.exists())  # --out itself, or where it will be created
+    out_problems = []
+    if not nearest.is_dir():
+        out_problems.append(("--out", str(out), f"a folder, or a path where one can be created ({nearest} is a file)"))
+    elif not os.access(nearest, os.W_OK | os.X_OK):
+        out_problems.append(("--out", str(out), f"a folder you can write, or a path where you can create one ({nearest} is not writable)"))
+    try:
+        plan, stages, configs = validated_stages(plan_path)
+    except PlanError as error:
+        raise PlanError(error.problems + out_problems) from None
+    if out_problems:
+        raise PlanError(out_problems)
+    setup = RunSetup(Path(plan_path).read_text(), plan, stages, configs, RunDir(root))
     _check_same_plan(setup, force)
     return setup
 
@@ -105,8 +129,11 @@ def _digest(text: str) -> str:
 def write_setup(setup: RunSetup) -> list[list[str]]:
     """Write the plan copy and every unfinished stage's files; return each stage's launcher argv
     (as `harness plan` shows it: the port is the first one tried). A finished stage's files are
-    left untouched: they record what ran."""
+    left untouched: they record what ran. How each unfinished stage resumes is decided first
+    (setup.resumes): a stage that cannot continue raises PlanError before anything is written."""
     run = setup.run
+    unfinished = [stage for stage in setup.stages if not is_done(run.stage(stage.index, stage.name))]
+    setup.resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in unfinished}
     run.phases.mkdir(parents=True, exist_ok=True)
     run.plan_copy.write_text(setup.plan_text)
     run.plan_digest.write_text(_digest(setup.plan_text) + "\n")
@@ -116,11 +143,11 @@ def write_setup(setup: RunSetup) -> list[list[str]]:
         stage_dir = run.stage(stage.index, stage.name)
         argv = launcher_command(stage, stage_dir, stage.cluster.master_addr, first_port(stage), deepspeed_binary(sys.executable), hostfile_path(stage, stage_dir))
         commands.append(argv)
-        if not manifest_written(stage_dir.manifest):
+        resume = setup.resumes.get(stage.index)
+        if resume is not None:
             stage_dir.root.mkdir(parents=True, exist_ok=True)
-            stage_file = {"stage": stage.model_dump(mode="json"), "previous": str(previous.root) if previous else None, "run_dir": str(run.root)}
-            stage_dir.stage_json.write_text(json.dumps(stage_file, indent=2) + "\n")
-            stage_dir.ds_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            StageFile(stage=stage, previous=str(previous.root) if previous else None, run_dir=str(run.root), resume=resume).write(stage_dir.stage_json)
+            stage_dir.ds_config.write_text(json.dumps(ds_config_for(resume, config), indent=2, sort_keys=True) + "\n")
             stage_dir.command.write_text(shell_quote(argv) + "\n")
         previous = stage_dir
     return commands

@@ -8,31 +8,19 @@ which small clusters often lack).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Template
 
 from harness.exit_codes import PREEMPTED
 from harness.launch import shell_quote
 from harness.layout import RunDir
-from harness.manifest import valid_manifest
+from harness.records import SlurmJob, SlurmJobs, is_done
 from harness.plan import SlurmSpec
 from harness.stages import Stage
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
-
-
-@dataclass
-class Job:
-    """One rendered (and maybe submitted) batch job."""
-
-    name: str
-    script: str
-    stages: list[int]
-    job_id: str | None = None
 
 
 def sbatch_options(spec: SlurmSpec, accelerator: str, procs_per_node: int) -> list[str]:
@@ -67,18 +55,18 @@ def render_sbatch(*, job_name: str, what: str, nodes: int, tasks_per_node: int, 
     )
 
 
-def render_jobs(stages: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[Job]:
+def render_jobs(stages: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[SlurmJob]:
     """Write one script per unfinished stage (or one for the whole run) under <run>/slurm/."""
     run.slurm.mkdir(parents=True, exist_ok=True)
     harness = [sys.executable, "-m", "harness.cli", "run", str(plan_path.resolve()), "--out", str(run.root)]
     if single_job:
         groups = [("all", [s for s in stages], harness, "every stage of the run")]
     else:
-        todo = [s for s in stages if valid_manifest(run.stage(s.index, s.name).manifest) is None]
+        todo = [s for s in stages if not is_done(run.stage(s.index, s.name))]
         groups = [(f"{s.index:02d}-{s.name}", [s], harness + ["--only", str(s.index)], f"stage {s.index:02d} '{s.name}'") for s in todo]
     jobs = []
     for name, members, command, what in groups:
-        script = run.slurm / f"{name}.sbatch"
+        script = run.slurm_script(name)
         script.write_text(render_sbatch(
             job_name=f"{members[0].run_name}:{name}",
             what=what,
@@ -88,14 +76,14 @@ def render_jobs(stages: list[Stage], plan_path: Path, run: RunDir, single_job: b
             spec=members[0].slurm,
             command=command,
             workdir=run.root,
-            log=run.slurm / f"{name}-%j.out",
-            stop_file=run.slurm / f"{name}.stop",
+            log=run.slurm_log(name),
+            stop_file=run.slurm_stop(name),
         ))
-        jobs.append(Job(name, str(script), [s.index for s in members]))
+        jobs.append(SlurmJob(name=name, script=str(script), stages=[s.index for s in members]))
     return jobs
 
 
-def submit_jobs(jobs: list[Job], run: RunDir) -> list[Job]:
+def submit_jobs(jobs: list[SlurmJob], run: RunDir) -> list[SlurmJob]:
     """sbatch each job, each depending (afterok) on the one before; record ids in <run>/slurm/jobs.json."""
     previous = None
     for job in jobs:
@@ -105,13 +93,12 @@ def submit_jobs(jobs: list[Job], run: RunDir) -> list[Job]:
             raise RuntimeError(f"sbatch {job.script} failed: {result.stderr.strip()}")
         job.job_id = result.stdout.strip().split(";")[0]
         previous = job.job_id
-    (run.slurm / "jobs.json").write_text(json.dumps([asdict(j) for j in jobs], indent=2) + "\n")
+    SlurmJobs(jobs=jobs).write(run.slurm_jobs)
     return jobs
 
 
-def recorded_jobs(run: RunDir) -> list[Job]:
-    path = run.slurm / "jobs.json"
-    return [Job(**j) for j in json.loads(path.read_text())] if path.exists() else []
+def recorded_jobs(run: RunDir) -> list[SlurmJob]:
+    return SlurmJobs.read(run.slurm_jobs).jobs if run.slurm_jobs.exists() else []
 
 
 def job_state(job_id: str) -> dict[str, str]:

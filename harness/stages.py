@@ -109,9 +109,12 @@ class Stage(Strict):
 RowCounter = Callable[[DataSpec], int]
 
 
-def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter, model_config: dict[str, Any]) -> list[Stage]:
-    """Every stage of the plan, in order (model_config: the model's config.json). Raises PlanError
-    naming the field on a rule that needs the resolved numbers (batch split, device support)."""
+def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter, model_config: dict[str, Any],
+                  local_gpus: int | None = None) -> list[Stage]:
+    """Every stage of the plan, in order (model_config: the model's config.json; local_gpus: the GPUs
+    of this machine, which a local launch on cuda must not exceed, None when unknown or irrelevant).
+    Raises PlanError naming the field on a rule that needs the resolved numbers (batch split, rows,
+    device support)."""
     stages: list[Stage] = []
     problems: list[tuple[str, Any, str]] = []
     shape = model_shape(model_config)
@@ -119,9 +122,10 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
         phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
             try:
-                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows, shape))
+                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows, shape, local_gpus))
             except _StageProblem as problem:
-                problems.append((f"phases[{i}]{where}.{problem.field}", problem.value, problem.allowed))
+                path = problem.field if problem.field.startswith("cluster.") else f"phases[{i}]{where}.{problem.field}"
+                problems.append((path, problem.value, problem.allowed))
         stages += _with_phase_offsets(phase_stages)
     if problems:
         raise PlanError(problems)
@@ -132,6 +136,12 @@ def _with_phase_offsets(phase_stages: list[Stage]) -> list[Stage]:
     total = sum(stage.steps for stage in phase_stages)
     offsets = [sum(stage.steps for stage in phase_stages[:k]) for k in range(len(phase_stages))]
     return [stage.model_copy(update={"phase_offset": offset, "phase_steps": total}) for stage, offset in zip(phase_stages, offsets)]
+
+
+def stage_fields(plan: Plan) -> list[str]:
+    """The plan block each stage of expand_stages comes from, in the same order: 'phases[0]', or
+    'phases[2].stages[1]' for a multistep stage (once per cycle)."""
+    return [f"phases[{i}]{where}" for i, phase in enumerate(plan.phases) for *_, where in _phase_parts(phase)]
 
 
 def _phase_parts(phase: PhaseSpec):
@@ -159,6 +169,8 @@ def _optimizer_label(settings: TrainSettings) -> str:
 
 
 class _StageProblem(Exception):
+    """A rule a stage breaks; field is relative to the stage's block of the plan, or 'cluster.<name>'."""
+
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
 
@@ -173,9 +185,17 @@ def _resolve(
     accelerator: Literal["cpu", "cuda"],
     count_train_rows: RowCounter,
     shape: ModelShape | None,
+    local_gpus: int | None,
 ) -> Stage:
     nodes = settings.nodes or plan.cluster.nodes
     procs = settings.procs_per_node or plan.cluster.procs_per_node
+    # Named where the number comes from: the phase's override or the cluster.
+    nodes_field = "nodes" if settings.nodes else "cluster.nodes"
+    procs_field = "procs_per_node" if settings.procs_per_node else "cluster.procs_per_node"
+    if plan.cluster.launcher == "local" and nodes > 1:
+        raise _StageProblem(nodes_field, nodes, "1 with launcher local (this machine only); several nodes need launcher pdsh or slurm")
+    if plan.cluster.launcher == "local" and accelerator == "cuda" and local_gpus is not None and procs > local_gpus:
+        raise _StageProblem(procs_field, procs, f"at most {local_gpus}, the GPUs `nvidia-smi -L` lists on this machine (a local launch runs one rank per GPU)")
     world = nodes * procs
     per_step = settings.micro_batch * world
     global_batch = settings.global_batch or per_step
@@ -192,9 +212,11 @@ def _resolve(
         raise _StageProblem("precision", "fp16", "fp32 or bf16 on CPU (fp16 fails on CPU in DeepSpeed 0.19.8)")
     if accelerator == "cpu" and settings.optimizer.type in CPU_UNSUPPORTED_OPTIMIZERS and not settings.offload.optimizer:
         raise _StageProblem("optimizer.type", settings.optimizer.type, "on CPU: Adam, AdamW, Adagrad, SGD, RMSprop (Lamb/Lion fail on CPU in DeepSpeed 0.19.8)")
-    if plan.cluster.launcher == "pdsh" and nodes > 1 and not (plan.cluster.hostfile or plan.cluster.hosts):
-        raise _StageProblem("nodes", nodes, "pdsh with several nodes needs cluster.hostfile or cluster.hosts")
-    steps = _steps(settings, global_batch, data, count_train_rows)
+    train_rows = count_train_rows(data.finetune) if data.finetune is not None and data.finetune.hub is None else None
+    if train_rows is not None and data.source != "pretrain" and train_rows < global_batch:
+        raise _StageProblem("global_batch", global_batch, f"at most {train_rows}, the training rows of the fine-tune data "
+                            "(its rows less the eval hold-out): give more rows or a smaller global_batch")
+    steps = _steps(settings, global_batch, data, train_rows)
     return Stage(
         index=index,
         name=name,
@@ -220,15 +242,15 @@ def _resolve(
     )
 
 
-def _steps(settings: TrainSettings, global_batch: int, data: StageData, count_train_rows: RowCounter) -> int:
+def _steps(settings: TrainSettings, global_batch: int, data: StageData, train_rows: int | None) -> int:
     if settings.steps is not None:
         return settings.steps
     if settings.tokens is not None:
         return math.ceil(settings.tokens / (global_batch * settings.seq_len))
     if settings.epochs is not None and data.finetune is not None:
-        if data.finetune.hub is not None:
+        if train_rows is None:
             raise _StageProblem("epochs", settings.epochs, "steps or tokens for hub data (rows are counted from local files)")
-        return max(1, math.ceil(settings.epochs * count_train_rows(data.finetune) / global_batch))
+        return max(1, math.ceil(settings.epochs * train_rows / global_batch))
     raise _StageProblem("steps", None, "one of steps, epochs, tokens")
 
 

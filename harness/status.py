@@ -2,12 +2,10 @@
 Never imports torch."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 from harness.layout import RunDir, StageDir
-from harness.manifest import valid_manifest
+from harness.records import InvalidRecord, StageFile, StartRecord, read_json_lines, read_manifest
 
 
 @dataclass
@@ -28,14 +26,19 @@ def stage_statuses(run: RunDir) -> list[StageStatus]:
     statuses = []
     for stage_dir in run.stage_dirs():
         index, name = stage_dir.root.name.split("-", 1)
-        stage = json.loads(stage_dir.stage_json.read_text())["stage"] if stage_dir.stage_json.exists() else {}
-        manifest = valid_manifest(stage_dir.manifest)
+        steps = _planned_steps(stage_dir)
+        try:
+            manifest = read_manifest(stage_dir)
+        except InvalidRecord:
+            manifest = None
         checkpoint = stage_dir.latest_checkpoint()
-        rows = _metric_rows(stage_dir)
+        rows = read_json_lines(stage_dir.metrics)
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
-        done_steps = manifest["stage_steps"] if manifest else (rows[-1]["stage_step"] if rows else 0)
+        done_steps = manifest.stage_steps if manifest else (rows[-1]["stage_step"] if rows else 0)
         if manifest:
             state = "done"
+        elif stage_dir.manifest.exists():
+            state = "damaged handoff"  # a rerun resumes from the final checkpoint and writes it again
         elif checkpoint or rows:
             state = "interrupted"
         else:
@@ -44,26 +47,23 @@ def stage_statuses(run: RunDir) -> list[StageStatus]:
             index=int(index),
             name=name,
             state=state,
-            steps=f"{done_steps}/{stage.get('steps', '?')}",
+            steps=f"{done_steps}/{steps}",
             loss=losses[-1] if losses else None,
             checkpoint=checkpoint,
-            load_mode=(manifest or {}).get("load", {}).get("mode") or _load_mode_in_progress(stage_dir),
+            load_mode=manifest.load.mode if manifest else _load_mode_in_progress(stage_dir),
         ))
     return statuses
 
 
-def _metric_rows(stage_dir: StageDir) -> list[dict[str, Any]]:
-    if not stage_dir.metrics.exists():
-        return []
-    rows = []
-    for line in stage_dir.metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return rows
+def _planned_steps(stage_dir: StageDir) -> int | str:
+    try:
+        return StageFile.read(stage_dir.stage_json).stage.steps
+    except InvalidRecord:
+        return "?"
 
 
 def _load_mode_in_progress(stage_dir: StageDir) -> str | None:
-    started = stage_dir.root / "started.json"
-    return json.loads(started.read_text())["load"]["mode"] if started.exists() else None
+    try:
+        return StartRecord.read(stage_dir.started).load.mode
+    except InvalidRecord:
+        return None

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 from cluster import job_field, local_cluster, scancel, wait_job  # noqa: F401  (fixture)
-from conftest import FINETUNE_JSONL, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 from test_multistep import alive
 from test_resume import wait_for
+
+from harness.layout import RunDir, StageDir
+from harness.slurm import recorded_jobs
 
 
 def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts: list[str]) -> dict:
@@ -29,7 +32,7 @@ def two_stages() -> list[dict]:
 
 
 def submitted_jobs(out: Path) -> list[str]:
-    return [job["job_id"] for job in json.loads((out / "slurm" / "jobs.json").read_text())]
+    return [job.job_id for job in recorded_jobs(RunDir(out))]
 
 
 def rank_records(stage_dir: Path) -> list[dict]:
@@ -45,7 +48,7 @@ def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
     for stage_dir in sorted((out / "phases").iterdir()):
         ranks = rank_records(stage_dir)
         assert [(r["rank"], r["node_rank"], r["address"]) for r in ranks] == [(0, 0, "127.0.0.1"), (1, 1, "127.0.0.2")]
-        env_file = (stage_dir / ".deepspeed_env").read_text()
+        env_file = StageDir(stage_dir).deepspeed_env.read_text()
         assert "DS_ACCELERATOR=cpu" in env_file and "\n\n" not in env_file
 
 
@@ -94,10 +97,8 @@ def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_pat
 
 
 def test_failing_stage_cancels_its_dependants_and_status_says_so(local_cluster, tmp_path):
-    env = local_cluster.env()
-    broken = tmp_path / "pairs.jsonl"
-    broken.write_text("".join(line.replace('"response"', '"answer"') + "\n" for line in FINETUNE_JSONL.read_text().splitlines()[:100]))
-    phases = [finetune_phase("sft", steps=3, data={"files": [str(broken)]}), pretrain_phase("later", steps=3)]
+    env = {**local_cluster.env(), "HARNESS_FAULT": "sft:step2:1"}  # rank 1 of the first job's stage dies (sbatch passes the environment)
+    phases = [finetune_phase("sft", steps=3), pretrain_phase("later", steps=3)]
     out = tmp_path / "run"
     harness("submit", write_plan(tmp_path, two_node_plan("fails", "slurm", 29740, phases, local_cluster.hosts)), "--out", out, check=True, env=env)
     first, second = submitted_jobs(out)

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, make_plan, pretrain_phase, write_plan
 from harness.failures import explain_exit, signal_of
 from harness.layout import StageDir
+from harness.records import CheckpointRecord, MemoryRecord, Progress, RankRecord, engine_settings, folder_checks
 from harness.setup import validated_stages
 
 
@@ -64,11 +65,9 @@ def fake_ranks(stage_dir: StageDir, ends: dict[int, str], peak_gb: float = 9.8) 
     """What two ranks leave behind: rank file, memory record, end record ('' = SIGKILLed)."""
     stage_dir.ranks.mkdir(parents=True)
     for rank, end in ends.items():
-        (stage_dir.ranks / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "pid": 1, "launcher_pid": 1, "node_rank": 0}))
-        stage_dir.rank_memory(rank).write_text(json.dumps({
-            "rank": rank, "host": "node1", "milestone": "checkpoint", "peak_rss_bytes": int(peak_gb * 1e9),
-            "rss_bytes": int(peak_gb * 1e9), "host_memory_bytes": int(24e9), "milestones": {},
-        }))
+        RankRecord(rank=rank, node_rank=0, host="node1", address=None, slurm_node=None, pid=1, launcher_pid=1, time=0.0).write(stage_dir.rank_record(rank))
+        MemoryRecord(rank=rank, host="node1", pid=1, milestone="checkpoint", time=0.0, peak_rss_bytes=int(peak_gb * 1e9),
+                     rss_bytes=int(peak_gb * 1e9), host_memory_bytes=int(24e9), milestones={}).write(stage_dir.rank_memory(rank))
         stage_dir.rank_end(rank).write_text(end)
 
 
@@ -91,18 +90,22 @@ def test_a_rank_that_raised_is_named_and_the_advice_is_to_rerun(stage, tmp_path:
     detail, advice = explain_exit(stage, stage_dir, 1)
 
     assert detail == f"the launcher reported a failure; rank 1 failed first, see {stage_dir.rank_log(1)}"
-    assert advice == "  rerun the same command to run it again (it has no checkpoint yet)."
+    assert advice == "  rerun the same command to run it again from its start (it has no intact checkpoint)."
 
 
 def test_preemption_keeps_the_resume_advice(stage, tmp_path: Path):
     stage_dir = StageDir(tmp_path / "00-pre")
-    (stage_dir.checkpoints / "step10").mkdir(parents=True)
-    (stage_dir.checkpoints / "step10" / "complete").write_text("")
+    tag = stage_dir.checkpoints / "step10"
+    tag.mkdir(parents=True)
+    (tag / "model_states.pt").write_bytes(b"weights")
+    CheckpointRecord(progress=Progress(stage_step=10), engine=engine_settings(stage), files=folder_checks(tag, tag)).write(tag / "complete")
 
     assert explain_exit(stage, stage_dir, 75) == (
         "stopped on request (preemption) after saving a checkpoint",
-        "  rerun the same command to resume it from its latest checkpoint (step10).",
+        "  rerun the same command to resume it from its newest intact checkpoint (step10).",
     )
+    (tag / "model_states.pt").write_bytes(b"weightz")  # damaged: a rerun starts the stage again
+    assert explain_exit(stage, stage_dir, 75)[1] == "  rerun the same command to run it again from its start (it has no intact checkpoint)."
 
 
 @pytest.mark.parametrize("exit_code, signum", [(247, 9), (-9, 9), (137, 9), (250, 6), (1, None), (75, None), (0, None)])

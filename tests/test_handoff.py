@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from conftest import finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from harness.records import file_check
 
 
 def digest(weights: dict[str, torch.Tensor]) -> str:
@@ -48,8 +50,9 @@ def test_every_stage_leaves_checkpoint_model_and_manifest(chain: Path):
         manifest = json.loads((d / "manifest.json").read_text())
         assert (d / "checkpoints" / manifest["checkpoint_tag"]).is_dir()
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (d / "model").iterdir()}
-        for rel, sha in manifest["files"].items():
-            assert hashlib.sha256((d / rel).read_bytes()).hexdigest() == sha
+        for rel, check in manifest["files"].items():
+            assert file_check(d / rel).model_dump() == check, f"{rel} is what the manifest recorded"
+            assert check["xxh3"] == xxhash.xxh3_128((d / rel).read_bytes()).hexdigest()
 
 
 def test_weights_each_stage_starts_from_equal_weights_the_previous_saved(chain: Path):

@@ -56,15 +56,18 @@ def interrupted_run(tmp_path_factory):
     run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", plan_path, "--out", out], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Interrupt as soon as DeepSpeed names a checkpoint `latest`: it does so before every rank
-        # has written its shard, the race that a resume must survive.
-        wait_for(lambda: (victim / "checkpoints" / "latest").exists(), 240, "a checkpoint of ms.c1.s3-adamw")
+        # Once a first checkpoint is complete, interrupt as soon as DeepSpeed names the next one
+        # `latest`: it does so before every rank has written its shard, the race that a resume must
+        # survive (from the complete one, or from the next if its save finished first).
+        first = wait_for(lambda: StageDir(victim).latest_checkpoint(), 240, "a complete checkpoint of ms.c1.s3-adamw")
+        latest = victim / "checkpoints" / "latest"
+        wait_for(lambda: latest.exists() and latest.read_text().strip() not in ("", first), 240, f"a checkpoint of ms.c1.s3-adamw after {first}")
         rank_pids = [json.loads(p.read_text())["pid"] for p in (victim / "ranks").glob("rank*.json")]
         run.send_signal(signal.SIGINT)
         _, stderr = run.communicate(timeout=60)
         interrupted = {"exit": run.returncode, "stderr": stderr, "ranks": rank_pids,
                        "ranks_alive": [alive(pid) for pid in rank_pids], "decoy_alive": alive(decoy.pid),
-                       "checkpoint": StageDir(victim).latest_checkpoint()}
+                       "checkpoint": StageDir(victim).latest_checkpoint(), "metrics": (victim / "metrics.jsonl").read_text()}
     finally:
         decoy.kill()
         decoy.wait()
@@ -102,11 +105,21 @@ def test_weights_carry_across_optimizer_changes_and_modes_follow_the_rule(interr
 def test_interrupted_stage_resumed_at_its_checkpoint_and_step(interrupted_run):
     out, interrupted = interrupted_run
     victim = out / "phases" / "03-ms.c1.s3-adamw"
-    if interrupted["checkpoint"] is not None:  # Ctrl-C may land before the first checkpoint is complete
-        assert f"stage ms.c1.s3-adamw: resuming from checkpoint {interrupted['checkpoint']}" in interrupted["rerun"]
-        assert 5 <= int(interrupted["checkpoint"].removeprefix("step")) < LONG
+    tag = interrupted["checkpoint"]
+    assert tag is not None, "the interrupt came after a complete checkpoint"
+    tag_step = int(tag.removeprefix("step"))
+    assert 5 <= tag_step < LONG
+    assert f"stage ms.c1.s3-adamw: resuming from checkpoint {tag} (native" in interrupted["rerun"]
+    manifest = manifests(out)[3]
+    assert [(r["mode"], r["tag"], r["stage_step"]) for r in manifest["resumes"]] == [("native", tag, tag_step)]
+    # The rows up to the checkpoint are those the first attempt wrote (a restart from step 1 would
+    # write them again, with other timings): the first step logged after the resume is tag_step + 1.
+    before = [line for line in interrupted["metrics"].splitlines() if line.strip()]
+    after = (victim / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["stage_step"] for line in before[:tag_step]] == list(range(1, tag_step + 1))
+    assert after[:tag_step] == before[:tag_step], "rows up to the checkpoint kept as the first attempt logged them"
     assert [r["stage_step"] for r in metric_rows(victim)] == list(range(1, LONG + 1))
-    assert manifests(out)[3]["stage_steps"] == LONG
+    assert manifest["stage_steps"] == LONG
 
 
 def test_data_position_carries_so_cycles_see_new_samples(interrupted_run):

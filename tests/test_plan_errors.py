@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import finetune_phase, harness, make_plan, pretrain_phase, write_plan
+from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, finetune_phase, harness, make_plan, pretrain_phase, write_plan
 from harness.setup import prepare
-from harness.plan import PlanError
+from harness.plan import PlanError, parse_plan
 
 
 def good_plan() -> dict:
@@ -69,15 +69,52 @@ def test_bad_plan_is_refused_with_field_value_and_allowed(tmp_path: Path, change
     assert not (tmp_path / "run").exists()
 
 
+MULTISTEP_DATA = {"pretrain": {"files": [str(PRETRAIN_TEXT)]}, "finetune": {"files": [str(FINETUNE_JSONL)]}}
+
+
+def multistep_phase(name: str, stages: list[dict], data: dict = MULTISTEP_DATA) -> dict:
+    return {"name": name, "kind": "multistep", "data": data, "stages": stages}
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path):
+    """Schema errors, a missing data file and the errors of multistep stages (their own fields, and
+    once merged over their phase) come in one report: fixing one problem does not reveal the next."""
     plan = good_plan()
     plan["phases"][0]["zero_stage"] = 7
-    plan["phases"][1]["optimizer"] = {"type": "AdamW", "lr": 0}
     plan["cluster"]["procs_per_node"] = 0
+    plan["phases"][1]["data"] = {"files": ["missing.jsonl"]}
+    plan["phases"].append(multistep_phase("typo", [{"steps": 0, "stepz": 3}]))
+    plan["phases"].append(multistep_phase("merged", [{"steps": 3, "optimizer": {"type": "SGD", "lr": 0.1, "betas": [0.9, 0.9]}}]))
     with pytest.raises(PlanError) as error:
         prepare(write_plan(tmp_path, plan), tmp_path / "run")
     fields = {path for path, _, _ in error.value.problems}
-    assert {"phases[0].zero_stage", "phases[1].optimizer.lr", "cluster.procs_per_node"} <= fields
+    assert {"phases[0].zero_stage", "cluster.procs_per_node", "phases[1].data.files[0]", "phases[2].stages[0].steps",
+            "phases[2].stages[0].stepz", "phases[3].stages[0].optimizer"} <= fields, error.value.message()
+    assert not (tmp_path / "run").exists()
+
+
+# (phase kind, its data, the one problem reported: field path, words of what is allowed)
+DATA_CASES = [
+    ("pretrain", {"files": []}, "phases[0].data", "give exactly one of files or hub"),
+    ("pretrain", {"files": [str(PRETRAIN_TEXT)], "format": "csv"}, "phases[0].data.format", "'auto', 'text', 'json' or 'parquet'"),
+    ("pretrain", {"files": [str(PRETRAIN_TEXT)], "hub": "org/set"}, "phases[0].data", "give exactly one of files or hub"),
+    ("finetune", {"files": [str(FINETUNE_JSONL)], "eval_fraction": 1.0}, "phases[0].data.eval_fraction", "less than 1"),
+    ("finetune", {"files": [str(FINETUNE_JSONL)], "pretrain": {"files": []}}, "phases[0].data.pretrain", "Extra inputs are not permitted"),
+    ("multistep", {**MULTISTEP_DATA, "pretrain": {"files": []}}, "phases[0].data.pretrain", "give exactly one of files or hub"),
+    ("multistep", {**MULTISTEP_DATA, "finetune": {"files": [str(FINETUNE_JSONL)], "eval_fraction": 0}}, "phases[0].data.finetune.eval_fraction", "greater than 0"),
+    ("multistep", {"files": [str(PRETRAIN_TEXT)]}, "phases[0]", "a multistep phase needs data: {pretrain: ..., finetune: ..., mix: ...}"),
+]
+
+
+@pytest.mark.parametrize("kind,data,field,allowed", DATA_CASES, ids=[f"{c[0]}:{c[2]}:{c[3][:20]}" for c in DATA_CASES])
+def test_a_data_problem_is_reported_for_the_form_the_phase_kind_takes(kind, data, field, allowed):
+    """data is one data set for pretrain and finetune phases, a pretrain/finetune pair for multistep:
+    only the problems of the form the phase's kind takes are reported, not those of the other."""
+    phase = multistep_phase("p", [{"steps": 3}], data) if kind == "multistep" else {"name": "p", "kind": kind, "data": data, "steps": 3}
+    with pytest.raises(PlanError) as error:
+        parse_plan(make_plan("data", [phase], port=29500), REPO)
+    problems = [(path, allowed_text) for path, _, allowed_text in error.value.problems]
+    assert len(problems) == 1 and problems[0][0] == field and allowed in problems[0][1], error.value.message()
 
 
 @pytest.mark.parametrize("command", ["plan", "run"])

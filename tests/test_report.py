@@ -7,6 +7,8 @@ import pytest
 from rich.console import Console
 
 from harness.layout import RunDir
+from harness.plan import OffloadSpec
+from harness.records import LoadRecord, Manifest
 from harness.report import compare_runs, load_run, print_table, report_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,11 +43,14 @@ def make_run(root, offset=0.0):
         if evals is None:
             text += '{"stage": "refine.c1.s3-sgd", "glo'  # killed mid-write
         else:
-            folder.manifest.write_text(json.dumps({
-                **common, "zero_stage": 2, "world_size": 4,
-                "global_step_start": start - 1, "global_step_end": end, "eval": evals,
-                "load": {"mode": "init" if index == 0 else "weights_only", "reason": "test"},
-            }))
+            Manifest(
+                **common, index=index, zero_stage=2, world_size=4, dtype="fp32", offload=OffloadSpec(), engine_optimizer=optimizer,
+                global_step_start=start - 1, global_step_end=end, stage_steps=end - start + 1, tokens_seen=0, samples_seen=0,
+                data_position={}, eval=evals, load=LoadRecord(mode="init" if index == 0 else "weights_only", reason="test", source="test"),
+                resumes=[], start_weights_digest="", start_optimizer_state_digest="", handoff_dtype="fp32", weights_digest="",
+                optimizer_state_digest="", checkpoint_tag=f"step{end - start + 1}", files={}, finished=0.0, wandb_run_id=None,
+                regularization={},
+            ).write(folder.manifest)
         folder.metrics.write_text(text)
     return root
 

@@ -65,17 +65,21 @@ def test_the_store_is_built_once_before_launch_and_reused(big_run):
     assert position == first_manifest["data_position"][key] + 3 * 8, "the second stage continued the first's data position"
 
 
-@pytest.mark.parametrize("data, named", [
-    ({"hub": "no-such-org/no-such-set"}, "no-such-org/no-such-set"),
-    ({"files": ["rows.jsonl"], "text_field": "body"}, "no column 'body'"),
-    ({"files": ["broken.jsonl"]}, "broken.jsonl cannot be read (ArrowInvalid: JSON parse error"),
+# The plan check reads the first 1,000 lines of a file (harness/data_check.py); the token store
+# builder, which reads everything, catches the rest: both before anything is written.
+@pytest.mark.parametrize("data, where, named", [
+    ({"hub": "no-such-org/no-such-set"}, "stage 'pre' data", "no-such-org/no-such-set"),
+    ({"files": ["rows.jsonl"], "text_field": "body"}, "phases[0].data.files[0]", "rows with a column 'body' (line 1 has none"),
+    ({"files": ["broken.jsonl"]}, "phases[0].data.files[0]", "line 51 is not valid JSON"),
+    ({"files": ["late.jsonl"]}, "stage 'pre' data", "late.jsonl cannot be read (ArrowInvalid: JSON parse error"),
 ])
-def test_data_that_cannot_be_read_is_exit_2_before_anything_is_written(tmp_path, data, named):
+def test_data_that_cannot_be_read_is_exit_2_before_anything_is_written(tmp_path, data, where, named):
     (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n' * 50)
     (tmp_path / "broken.jsonl").write_text('{"text": "a row"}\n' * 50 + '{"text": no quotes}\n')
+    (tmp_path / "late.jsonl").write_text('{"text": "a row"}\n' * 1500 + '{"text": no quotes}\n')
     plan = make_plan("bad", [{"name": "pre", "kind": "pretrain", "data": data, "steps": 2}], port=29730, cache_dir=str(tmp_path / "cache"))
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = harness("run", write_plan(tmp_path, plan), "--out", tmp_path / "run", env=offline)
     assert result.returncode == 2, result.stderr
-    assert "stage 'pre' data" in result.stderr and named in result.stderr
+    assert where in result.stderr and named in result.stderr
     assert not (tmp_path / "run").exists()

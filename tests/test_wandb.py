@@ -19,7 +19,7 @@ from harness.setup import count_train_rows
 from harness.plan import BUILTIN_CONFIGS, load_plan
 from harness.stages import expand_stages
 from harness.wandb_mode import resolve_mode
-from harness.worker.monitor import KEY_FILE, NullMonitor, WandbMonitor, start_monitor
+from harness.worker.monitor import NullMonitor, WandbMonitor, start_monitor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import offline_runs, read_run  # noqa: E402
@@ -50,7 +50,7 @@ def test_one_grouped_run_per_stage(two_phase_run):
     pre, fine = runs = offline_runs(out / "wandb")
     assert len(runs) == 2  # 2 ranks in phase 1, still one W&B run for it
     assert not list((out / "phases").glob("*/wandb"))  # nothing written in a stage's working folder
-    key = (out / KEY_FILE).read_text().strip()
+    key = RunDir(out).wandb_key.read_text().strip()
     assert [r.id for r in runs] == [f"wbtwo-{key}-s00", f"wbtwo-{key}-s01"]
     assert [m["wandb_run_id"] for m in manifests(out)] == [r.id for r in runs]
     assert {r.group for r in runs} == {f"wbtwo-{key}"}

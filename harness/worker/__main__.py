@@ -1,7 +1,11 @@
 """Entry point of every rank: `python -m harness.worker --stage <stage.json>`."""
 import argparse
+import json
 import os
+import socket
 from pathlib import Path
+
+from harness.launch import SECRETS_FILE_VAR
 
 
 def _map_slurm_env() -> None:
@@ -13,13 +17,31 @@ def _map_slurm_env() -> None:
         os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
 
 
+def _load_secrets() -> None:
+    """Ranks started over pdsh find their secrets (W&B key, tokens) in a file only the user can
+    read, named by HARNESS_SECRETS_FILE: the launch side keeps them off the logged pdsh command
+    line and out of the run folder (harness/processes.py). Called before anything imports wandb."""
+    path = os.environ.get(SECRETS_FILE_VAR)
+    if not path:
+        return
+    try:
+        secrets = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"[harness] {socket.gethostname()}: secrets file {path} not found: it must be on a file system "
+                         "every node sees (the home folder, or XDG_CACHE_HOME set to a shared folder)") from None
+    os.environ.update(secrets)
+    if os.environ.get("LOCAL_RANK") == "0":  # one line per node
+        print(f"[harness] {socket.gethostname()}: secrets {' '.join(sorted(secrets))} read from {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.worker")
     parser.add_argument("--stage", type=Path, required=True, help="the stage.json the orchestrator wrote")
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher")
     args = parser.parse_args()
     _map_slurm_env()
-    from harness.worker.train import run_stage  # after the env mapping: importing deepspeed reads it
+    _load_secrets()
+    from harness.worker.train import run_stage  # after the env is complete: importing deepspeed (and wandb) reads it
 
     run_stage(args.stage)
 

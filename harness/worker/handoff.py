@@ -1,7 +1,8 @@
 """Checkpoints within a stage and the handoff between stages.
 
 Start of a stage, one of:
-- resume:       this stage's own latest DeepSpeed checkpoint (interrupted earlier);
+- resume:       this stage's own newest intact checkpoint (interrupted earlier), loaded as
+                the launch side decided (harness/resume.py: native, universal, consolidated);
 - full_state:   the previous stage's DeepSpeed checkpoint, optimizer moments included,
                 when optimizer type, ZeRO family, world size, precision and offload match;
 - weights_only: the previous stage's consolidated Hugging Face model;
@@ -11,27 +12,32 @@ Native checkpoints do not load across ZeRO-1/2 <-> ZeRO-3 or another world size
 from are digested and compared with the digest the previous stage saved.
 
 End of a stage, in this order (see DESIGN.md): DeepSpeed checkpoint, Hugging Face
-model, manifest.json written last and atomically. The model's fp32 master weights are
+model, manifest.json written last and atomically (records.Manifest). A checkpoint counts once
+rank 0 wrote its completion marker (records.CheckpointRecord: progress, engine settings, every
+file's size and xxh3) after every rank saved its part. The model's fp32 master weights are
 gathered one parameter at a time and streamed into (sharded) safetensors by rank 0,
 digested on the way; no rank ever holds the whole model. Only the newest
 keep_checkpoints complete checkpoints of a stage are kept.
 """
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.layout import CHECKPOINT_COMPLETE, StageDir
-from harness.manifest import FORMAT_VERSION, read_manifest, sha256_file, write_atomic, write_manifest
+from harness.records import (CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord, StartRecord,
+                             engine_settings, file_check, folder_checks, read_manifest)
+from harness.resume import zero_family
 from harness.stages import Stage
+from harness.worker.faults import fault_point
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
 from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
 
@@ -44,11 +50,6 @@ def handoff_dtype(stage: Stage) -> str:
     return chosen if chosen != "auto" else ("bf16" if stage.accelerator == "cuda" else "fp32")
 
 
-def zero_family(stage: int) -> str:
-    """Stages whose native checkpoints load into each other."""
-    return {0: "zero-0", 1: "zero-1/2", 2: "zero-1/2", 3: "zero-3"}[stage]
-
-
 @dataclass
 class StartPoint:
     """Where a stage's weights (and maybe optimizer state) come from."""
@@ -59,49 +60,33 @@ class StartPoint:
     """Hugging Face folder to build the model from (None: the plan's model)."""
     checkpoint: tuple[Path, str] | None = None
     """(folder, tag) of a DeepSpeed checkpoint to load after initialize."""
-    previous: dict[str, Any] | None = None
+    previous: Manifest | None = None
     """The previous stage's manifest."""
 
-    def record(self) -> dict[str, Any]:
-        return {"mode": self.mode, "reason": self.reason, "from": str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan")}
-
-
-@dataclass
-class Progress:
-    """How far a stage got; saved in every checkpoint and in the manifest."""
-
-    global_step_start: int = 0
-    stage_step: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    data_position: dict[str, int] = field(default_factory=dict)
-    """Samples consumed per data stream (dataset_key), carried from stage to stage."""
-
-    @property
-    def global_step(self) -> int:
-        return self.global_step_start + self.stage_step
+    def record(self) -> LoadRecord:
+        return LoadRecord(mode=self.mode, reason=self.reason, source=str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan"))
 
 
 def handoff_start(stage: Stage, previous: StageDir | None) -> StartPoint:
     """How this stage takes over from the previous one (pure apart from reading its manifest)."""
     if previous is None:
         return StartPoint("init", "first stage: weights from the plan's model")
-    manifest = read_manifest(previous.manifest)
+    manifest = read_manifest(previous)
     blocker = _full_state_blocker(stage, manifest)
     if blocker is None:
         return StartPoint("full_state", f"same optimizer ({stage.optimizer_type}), ZeRO family, world size, precision and offload: optimizer moments carried, fresh scheduler",
-                          previous.model, (previous.checkpoints, manifest["checkpoint_tag"]), manifest)
+                          previous.model, (previous.checkpoints, manifest.checkpoint_tag), manifest)
     return StartPoint("weights_only", blocker, previous.model, None, manifest)
 
 
-def _full_state_blocker(stage: Stage, manifest: dict[str, Any]) -> str | None:
+def _full_state_blocker(stage: Stage, manifest: Manifest) -> str | None:
     s = stage.settings
     wanted = {
-        "optimizer": (manifest["optimizer"], stage.optimizer_type),
-        "ZeRO family": (zero_family(manifest["zero_stage"]), zero_family(s.zero_stage)),
-        "world size": (manifest["world_size"], stage.world_size),
-        "precision": (manifest["dtype"], stage.precision),
-        "offload": (manifest.get("offload"), s.offload.model_dump()),
+        "optimizer": (manifest.optimizer, stage.optimizer_type),
+        "ZeRO family": (zero_family(manifest.zero_stage), zero_family(s.zero_stage)),
+        "world size": (manifest.world_size, stage.world_size),
+        "precision": (manifest.dtype, stage.precision),
+        "offload": (manifest.offload.model_dump(), s.offload.model_dump()),
     }
     for what, (before, now) in wanted.items():
         if before != now:
@@ -117,36 +102,59 @@ class Checkpointer:
         self.dir = stage_dir
         self.strategy = strategy
 
-    def restore(self, start: StartPoint) -> Progress:
-        """After initialize: load what the start point names, check the weights, return progress.
-        Writes started.json (rank 0) the first time, so a resume keeps the original handoff record."""
-        tag = self.dir.latest_checkpoint()
-        if tag is not None:
-            state = self.strategy.load_checkpoint(self.dir.checkpoints, tag, with_scheduler=True)
-            if self.strategy.is_rank0:
-                print(f"[harness] stage {self.stage.name}: resuming from checkpoint {tag}", flush=True)
-            return Progress(**state["progress"])
+    def restore(self, start: StartPoint, resume: ResumePoint) -> Progress:
+        """After initialize: continue from the stage's own checkpoint as `resume` says (decided
+        on the launch side), or load what the start point names and check its weights against
+        the previous stage's digest. Rank 0 writes started.json the first time and appends each
+        resume to it, so the original handoff record is kept."""
+        if resume.mode != "fresh":
+            return self._resume(resume)
         if start.checkpoint is not None:
             self.strategy.load_checkpoint(*start.checkpoint, with_scheduler=False)
         progress = Progress()
         if start.previous is not None:
-            progress.global_step_start = start.previous["global_step_end"]
-            progress.data_position = dict(start.previous["data_position"])
-        digest = WeightsDigest()
-        for name, weight in self.strategy.full_fp32_params():
-            digest.update(name, weight)
-        weights = digest.hexdigest()
+            progress.global_step_start = start.previous.global_step_end
+            progress.data_position = dict(start.previous.data_position)
+        weights = self._weights_digest()
         moments = self.strategy.optimizer_state_digest()
         if start.previous is not None and weights != self._expected_start_digest(start):
             raise RuntimeError(
                 f"stage {self.stage.name}: weights after the {start.mode} load do not match what "
-                f"{start.record()['from']} saved (digest {weights[:12]} != {start.previous['weights_digest'][:12]})"
+                f"{start.record().source} saved (digest {weights[:12]} != {start.previous.weights_digest[:12]})"
             )
         if self.strategy.is_rank0:
-            started = {"load": start.record(), "start_weights_digest": weights, "start_optimizer_state_digest": moments, "time": time.time()}
-            write_atomic(self.dir.root / "started.json", json.dumps(started, indent=2) + "\n")
+            StartRecord(load=start.record(), start_weights_digest=weights, start_optimizer_state_digest=moments, time=time.time()).write(self.dir.started)
         self.strategy.barrier()
         return progress
+
+    def _resume(self, resume: ResumePoint) -> Progress:
+        """native and universal: DeepSpeed loads module, optimizer and scheduler state (the
+        universal form at another world size); consolidated: the model was built from the
+        tag's fp32 weights, so only the schedule moves on to where the tag was."""
+        if resume.mode == "consolidated":
+            progress = resume.progress
+            self.strategy.advance_schedule(progress.stage_step)
+        else:
+            folder = Path(resume.load_folder) if resume.mode == "universal" else self.dir.checkpoints / resume.tag
+            state = self.strategy.load_checkpoint(folder.parent, folder.name, with_scheduler=True)
+            progress = Progress.model_validate(state["progress"])
+        weights = self._weights_digest()
+        carried = self.strategy.any_rank(any(self.strategy.base_optimizer.state.values()))
+        if self.strategy.is_rank0:
+            print(f"[harness] stage {self.stage.name}: resuming from checkpoint {resume.tag} ({resume.mode}: {resume.reason})", flush=True)
+            started = StartRecord.read(self.dir.started)
+            started.resumes.append(ResumeRecord(mode=resume.mode, reason=resume.reason, tag=resume.tag, stage_step=progress.stage_step,
+                                                weights_digest=weights, optimizer_state_carried=carried, world_size=self.stage.world_size,
+                                                time=time.time()))
+            started.write(self.dir.started)
+        self.strategy.barrier()
+        return progress
+
+    def _weights_digest(self) -> str:
+        digest = WeightsDigest()
+        for name, weight in self.strategy.full_fp32_params():
+            digest.update(name, weight)
+        return digest.hexdigest()
 
     def _expected_start_digest(self, start: StartPoint) -> str:
         """full_state: the saved fp32 master digest. weights_only: the digest of what the files
@@ -155,9 +163,9 @@ class Checkpointer:
         the files, one tensor at a time."""
         previous = start.previous
         if start.mode == "full_state":
-            return previous["weights_digest"]
+            return previous.weights_digest
         if self.stage.precision == "fp32":
-            return previous.get("handoff_weights_digest", previous["weights_digest"])
+            return previous.handoff_weights_digest or previous.weights_digest
         digest = WeightsDigest()
         for name, saved in hf_weights(start.weights_dir):
             digest.update(name, saved.to(DTYPES[self.stage.precision]))
@@ -166,10 +174,16 @@ class Checkpointer:
     def save(self, progress: Progress) -> str:
         """A DeepSpeed checkpoint, marked complete once every rank has written its part. Collective."""
         tag = f"step{progress.stage_step}"
-        self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": asdict(progress)})
+        self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": progress.model_dump()})
+        fault_point(self.stage, self.strategy.rank, "save")
         self.strategy.barrier()
+        folder = self.dir.checkpoints / tag
+        # Each rank checksums the files it wrote (their names carry the rank), while they are in its page cache.
+        mine = {rel: check.model_dump() for rel, check in folder_checks(folder, folder, lambda name: _writer_rank(name) == self.strategy.rank).items()}
+        files = {rel: check for part in self.strategy.all_gather_object(mine) for rel, check in part.items()}
         if self.strategy.is_rank0:
-            write_atomic(self.dir.checkpoints / tag / CHECKPOINT_COMPLETE, json.dumps(asdict(progress)) + "\n")
+            record = CheckpointRecord(progress=progress, engine=engine_settings(self.stage), files=files)
+            record.write(folder / CHECKPOINT_COMPLETE)
             self._drop_old_checkpoints()
         return tag
 
@@ -205,10 +219,10 @@ class Checkpointer:
                 stored.update(name, weight)
             writer.add(name, weight)
         writer.close()
-        files = {f"{folder.name}/{name}": sha for name, sha in writer.checksums.items()}
+        files = {f"{folder.name}/{name}": check for name, check in writer.checksums.items()}
         for path in folder.rglob("*"):  # config and tokenizer files: small
             if path.is_file() and path.name not in writer.checksums:
-                files[str(path.relative_to(folder.parent))] = sha256_file(path)
+                files[str(path.relative_to(folder.parent))] = file_check(path)
         fields = {"handoff_dtype": dtype, "weights_digest": master.hexdigest(), "files": dict(sorted(files.items()))}
         if stored is not None:
             fields["handoff_weights_digest"] = stored.hexdigest()
@@ -221,38 +235,48 @@ class Checkpointer:
             self.save(progress)
         moments = self.strategy.optimizer_state_digest()
         weights = self._write_model(model, tokenizer)
+        fault_point(self.stage, self.strategy.rank, "handoff")
+        self.strategy.barrier()  # every rank's part of the handoff is done before the manifest says so
         if self.strategy.is_rank0:
-            started = json.loads((self.dir.root / "started.json").read_text())
+            started = StartRecord.read(self.dir.started)
             s = self.stage.settings
-            manifest = {
-                "format": FORMAT_VERSION,
-                "stage": self.stage.name,
-                "index": self.stage.index,
-                "phase": self.stage.phase,
-                "kind": self.stage.kind,
-                "zero_stage": s.zero_stage,
-                "world_size": self.stage.world_size,
-                "dtype": self.stage.precision,
-                "offload": s.offload.model_dump(),
-                "optimizer": self.stage.optimizer_type,
-                "global_step_start": progress.global_step_start,
-                "global_step_end": progress.global_step,
-                "stage_steps": progress.stage_step,
-                "tokens_seen": progress.tokens_seen,
-                "samples_seen": progress.samples_seen,
-                "data_position": progress.data_position,
-                "eval": eval_metrics,
-                "load": started["load"],
-                "start_weights_digest": started["start_weights_digest"],
-                "start_optimizer_state_digest": started["start_optimizer_state_digest"],
+            manifest = Manifest(
+                stage=self.stage.name,
+                index=self.stage.index,
+                phase=self.stage.phase,
+                kind=self.stage.kind,
+                zero_stage=s.zero_stage,
+                world_size=self.stage.world_size,
+                dtype=self.stage.precision,
+                offload=s.offload,
+                optimizer=self.stage.optimizer_type,
+                global_step_start=progress.global_step_start,
+                global_step_end=progress.global_step,
+                stage_steps=progress.stage_step,
+                tokens_seen=progress.tokens_seen,
+                samples_seen=progress.samples_seen,
+                data_position=progress.data_position,
+                eval=eval_metrics,
+                load=started.load,
+                resumes=started.resumes,
+                start_weights_digest=started.start_weights_digest,
+                start_optimizer_state_digest=started.start_optimizer_state_digest,
+                optimizer_state_digest=moments,
+                checkpoint_tag=tag,
+                finished=time.time(),
                 **weights,
-                "optimizer_state_digest": moments,
-                "checkpoint_tag": tag,
-                "finished": time.time(),
                 **extra,
-            }
-            write_manifest(self.dir.manifest, manifest)
+            )
+            manifest.write(self.dir.manifest)
         self.strategy.barrier()
+        fault_point(self.stage, self.strategy.rank, "manifest")  # after the barrier: on every rank, the manifest is written
+
+
+def _writer_rank(name: str) -> int:
+    """The rank that wrote a DeepSpeed checkpoint file: 'zero_pp_rank_3_mp_rank_00_optim_states.pt'
+    -> 3; files shared by all ranks ('mp_rank_00_model_states.pt') are rank 0's."""
+    match = re.search(r"(?:^|_)pp_rank_(\d+)_", name)
+    return int(match.group(1)) if match else 0
 
 
 def write_rank_file(stage_dir: StageDir, rank: int) -> None:
@@ -262,14 +286,13 @@ def write_rank_file(stage_dir: StageDir, rank: int) -> None:
     # CROSS_RANK: node rank set by deepspeed's launch.py; SLURM_NODEID: under srun.
     node_rank = int(os.environ.get("CROSS_RANK", os.environ.get("SLURM_NODEID", "0")))
     ssh = os.environ.get("SSH_CONNECTION", "").split()
-    info = {
-        "rank": rank,
-        "node_rank": node_rank,
-        "host": socket.gethostname(),
-        "address": ssh[2] if len(ssh) > 2 else None,
-        "slurm_node": os.environ.get("SLURMD_NODENAME"),
-        "pid": os.getpid(),
-        "launcher_pid": os.getppid(),
-        "time": time.time(),
-    }
-    write_atomic(stage_dir.ranks / f"rank{rank}.json", json.dumps(info) + "\n")
+    RankRecord(
+        rank=rank,
+        node_rank=node_rank,
+        host=socket.gethostname(),
+        address=ssh[2] if len(ssh) > 2 else None,
+        slurm_node=os.environ.get("SLURMD_NODENAME"),
+        pid=os.getpid(),
+        launcher_pid=os.getppid(),
+        time=time.time(),
+    ).write(stage_dir.rank_record(rank))

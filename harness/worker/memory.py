@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
-import json
 import os
 import resource
 import signal
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.layout import StageDir
-from harness.manifest import write_atomic
+from harness.records import InvalidRecord, MemoryRecord
 
 
 def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any) -> None:
@@ -35,23 +34,13 @@ def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any)
     path = stage_dir.rank_memory(rank)
     peak, current = _rss_bytes()
     try:
-        milestones = json.loads(path.read_text())["milestones"]
-    except (OSError, ValueError, KeyError):
+        milestones = MemoryRecord.read(path).milestones
+    except InvalidRecord:
         milestones = {}
     milestones[milestone] = {"peak_rss_bytes": peak, "rss_bytes": current, **fields}
-    record = {
-        "rank": rank,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "milestone": milestone,
-        "time": time.time(),
-        "peak_rss_bytes": peak,
-        "rss_bytes": current,
-        "host_memory_bytes": _host_memory_bytes(),
-        "milestones": milestones,
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=1) + "\n")
+    MemoryRecord(rank=rank, host=socket.gethostname(), pid=os.getpid(), milestone=milestone, time=time.time(), peak_rss_bytes=peak,
+                 rss_bytes=current, host_memory_bytes=_host_memory_bytes(), milestones=milestones).write(path)
 
 
 def watch_end(stage_dir: StageDir, rank: int) -> None:

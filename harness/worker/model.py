@@ -2,7 +2,6 @@
 a byte-level tokenizer that needs no download, and the Hugging Face save."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -17,7 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.initialization import no_init_weights
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+import xxhash
+
 from harness.plan import BUILTIN_CONFIGS, ModelSpec
+from harness.records import FileCheck
 
 
 
@@ -60,9 +62,14 @@ def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None,
     source = handoff_dir or (Path(spec.path) if spec.path else None)
     if source is not None and load_weights:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    if source is not None:
-        return _seeded_from_config(AutoConfig.from_pretrained(source), seed)
-    config = LlamaConfig(
+    return _seeded_from_config(architecture(spec, tokenizer, source), seed)
+
+
+def architecture(spec: ModelSpec, tokenizer, source: Path | None = None):
+    """The model's config: a folder's config.json, else the built-in config sized to the tokenizer."""
+    if source is not None or spec.path:
+        return AutoConfig.from_pretrained(source or spec.path)
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
@@ -71,7 +78,6 @@ def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None,
         eos_token_id=tokenizer.eos_token_id,
         **BUILTIN_CONFIGS[spec.builtin],
     )
-    return _seeded_from_config(config, seed)
 
 
 def _seeded_from_config(config, seed: int) -> torch.nn.Module:
@@ -119,7 +125,7 @@ class SafetensorsWriter:
     model.safetensors, or model-0000k-of-0000n.safetensors plus model.safetensors.index.json
     when they exceed max_shard_bytes. Which tensor goes to which file, and each file's header,
     follow from names, shapes and dtype, known before the first tensor arrives; tensors then
-    come in name order. `checksums`: file name -> sha256 of each file, from the bytes written."""
+    come in name order. `checksums`: file name -> size and xxh3 of each file, from the bytes written."""
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int):
         for old in folder.glob("model*.safetensors*"):  # a shorter earlier attempt's shards
@@ -140,8 +146,8 @@ class SafetensorsWriter:
         self.file_of = {name: file for file, names in zip(files, shards) for name in names}
         self.first = {names[0]: (file, names) for file, names in zip(files, shards)}
         self.pending = iter(sorted(shapes))
-        self.checksums: dict[str, str] = {}
-        self._out, self._sha, self._left = None, None, 0
+        self.checksums: dict[str, FileCheck] = {}
+        self._out, self._hash, self._bytes, self._left = None, None, 0, 0
 
     def _nbytes(self, name: str) -> int:
         return math.prod(self.shapes[name]) * self.itemsize
@@ -157,17 +163,18 @@ class SafetensorsWriter:
                 offset += self._nbytes(n)
             text = json.dumps(header, separators=(",", ":")).encode()
             text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
-            self._file, self._out, self._sha, self._left = file, open(self.folder / file, "wb"), hashlib.sha256(), len(names)
+            self._file, self._out, self._hash, self._bytes, self._left = file, open(self.folder / file, "wb"), xxhash.xxh3_128(), 0, len(names)
             self._write(struct.pack("<Q", len(text)) + text)
         self._write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().data)
         self._left -= 1
         if self._left == 0:
             self._out.close()
-            self.checksums[self._file] = self._sha.hexdigest()
+            self.checksums[self._file] = FileCheck(bytes=self._bytes, xxh3=self._hash.hexdigest())
 
     def _write(self, data) -> None:
         self._out.write(data)
-        self._sha.update(data)
+        self._hash.update(data)
+        self._bytes += memoryview(data).nbytes
 
     def close(self) -> None:
         """Writes the index (several files only); every tensor must have been added."""
@@ -177,7 +184,7 @@ class SafetensorsWriter:
             total = sum(self._nbytes(name) for name in self.shapes)
             index = json.dumps({"metadata": {"total_size": total}, "weight_map": self.file_of}, indent=2, sort_keys=True) + "\n"
             (self.folder / WEIGHTS_INDEX).write_text(index)
-            self.checksums[WEIGHTS_INDEX] = hashlib.sha256(index.encode()).hexdigest()
+            self.checksums[WEIGHTS_INDEX] = FileCheck(bytes=len(index.encode()), xxh3=xxhash.xxh3_128(index.encode()).hexdigest())
 
 
 def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -33,7 +33,6 @@ from harness.worker.metrics import NullMetrics
 
 # Dense bf16/fp16 tensor-core peak per GPU, for the MFU estimate (by device name).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-KEY_FILE = "wandb_id.txt"
 
 
 class NullMonitor(NullMetrics):
@@ -142,9 +141,8 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
             run.name = stage.name
             own_steps = False
         else:
-            folder = run_dir.root  # wandb writes into <folder>/wandb/
-            # wandb falls back to /tmp when it cannot create its folder: fail here instead.
-            (folder / "wandb").mkdir(parents=True, exist_ok=True)
+            # wandb writes into <dir>/wandb/ and falls back to /tmp when it cannot create it: fail here instead.
+            run_dir.wandb.mkdir(parents=True, exist_ok=True)
             key = run_key(run_dir)
             run = wandb.init(
                 project=spec.project,
@@ -156,7 +154,7 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
                 config=config,
                 id=wandb_run_id(stage, key),
                 resume="allow",
-                dir=str(folder),
+                dir=str(run_dir.root),
                 mode=mode,
                 settings=wandb.Settings(quiet=True),
             )
@@ -171,7 +169,7 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
 
 def run_key(run_dir: RunDir) -> str:
     """8 hex digits created once per run folder (first stage that starts W&B) and read ever after."""
-    path = run_dir.root / KEY_FILE
+    path = run_dir.wandb_key
     try:
         with open(path, "x") as f:  # exclusive create: an existing key is never replaced
             f.write(secrets.token_hex(4) + "\n")

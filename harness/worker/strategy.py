@@ -50,6 +50,13 @@ class DeepSpeedStrategy:
             # the lr of the first position now: step k of a stage uses the schedule at k-1.
             scheduler.step(scheduler.last_batch_iteration + 1)
 
+    def advance_schedule(self, steps: int) -> None:
+        """Move the lr schedule on by `steps` optimizer steps (a resume with a fresh optimizer)."""
+        scheduler = self.engine.lr_scheduler
+        if scheduler is not None:
+            scheduler.step(scheduler.last_batch_iteration + steps)
+        self.engine.global_steps += steps
+
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
@@ -134,8 +141,7 @@ class DeepSpeedStrategy:
                         local.update(key.encode())
                         local.update(value.detach().float().cpu().contiguous().numpy().tobytes())
                         tensors += 1
-        per_rank: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(per_rank, (tensors, local.hexdigest()))
+        per_rank = self.all_gather_object((tensors, local.hexdigest()))
         if sum(count for count, _ in per_rank) == 0:
             return "empty"
         return hashlib.sha256("".join(d for _, d in per_rank).encode()).hexdigest()
@@ -150,6 +156,12 @@ class DeepSpeedStrategy:
 
     def any_rank(self, flag: bool) -> bool:
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order (small picklable values)."""
+        per_rank: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(per_rank, value)
+        return per_rank
 
     def broadcast_object(self, value: Any) -> Any:
         box = [value]

@@ -21,7 +21,9 @@ from harness.stages import Stage
 from harness.token_store import stage_stores
 from harness.worker.data import SampleStream, TokenizedSet, micro_batch_position, open_set, token_count
 from harness.worker.evaluate import eval_metrics
-from harness.worker.handoff import Checkpointer, Progress, handoff_start, write_rank_file
+from harness.records import Progress, StageFile
+from harness.worker.faults import fault_point
+from harness.worker.handoff import Checkpointer, handoff_start, write_rank_file
 from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
@@ -49,11 +51,11 @@ class StopRequest:
 
 def run_stage(stage_file: Path) -> None:
     """Everything one rank does for one stage; ends the process (0, or PREEMPTED)."""
-    spec = json.loads(stage_file.read_text())
-    stage = Stage.model_validate(spec["stage"])
+    spec = StageFile.read(stage_file)
+    stage, resume = spec.stage, spec.resume
     stage_dir = StageDir(stage_file.parent)
-    previous = StageDir(Path(spec["previous"])) if spec["previous"] else None
-    run = RunDir(Path(spec["run_dir"]))
+    previous = StageDir(Path(spec.previous)) if spec.previous else None
+    run = RunDir(Path(spec.run_dir))
     stop = StopRequest()
 
     strategy = DeepSpeedStrategy(stage, json.loads(stage_dir.ds_config.read_text()))
@@ -65,15 +67,19 @@ def run_stage(stage_file: Path) -> None:
     start = handoff_start(stage, previous)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
     record_memory(stage_dir, strategy.rank, "before_model")
-    # A DeepSpeed checkpoint (resume, full_state) overwrites the weights: no need to read them.
-    from_checkpoint = start.checkpoint is not None or stage_dir.latest_checkpoint() is not None
-    model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
+    # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
+    # no need to read them. A consolidated resume builds the model from the tag's fp32 weights.
+    if resume.mode == "consolidated":
+        model = build_model(stage.model, tokenizer, stage.settings.seed, Path(resume.load_folder))
+    else:
+        from_checkpoint = start.checkpoint is not None or resume.mode != "fresh"
+        model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
     record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
     sets = load_sets(stage, tokenizer)
     strategy.setup(model)
     record_memory(stage_dir, strategy.rank, "initialized")
     checkpointer = Checkpointer(stage, stage_dir, strategy)
-    progress = checkpointer.restore(start)
+    progress = checkpointer.restore(start, resume)
     regularizer = make_regularizer(stage.settings.regularization, strategy)
     monitor = start_monitor(stage, run, stage_dir, model) if strategy.is_rank0 else NullMonitor()
     metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
@@ -85,6 +91,8 @@ def run_stage(stage_file: Path) -> None:
     if last_eval is None:
         metrics.close()
         strategy.exit(PREEMPTED)
+    if not last_eval:  # resumed at its last step (the handoff was lost): evaluate what is handed over
+        last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings.micro_batch, stage.settings.eval_batches)
     extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
     record_memory(stage_dir, strategy.rank, "end")
@@ -106,7 +114,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
     """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
     s = stage.settings
     streams = {kind: SampleStream(data, s.seed) for kind, data in sets.items()}
-    primary = "finetune" if stage.data.source == "finetune" else "pretrain"
+    primary = _primary(stage)
     last_eval: dict[str, float] = {}
     bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=stage.name, disable=not strategy.is_rank0,
                file=sys.stdout, dynamic_ncols=False, ncols=110, mininterval=1.0)
@@ -132,6 +140,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
         progress.samples_seen += stage.global_batch
         progress.tokens_seen += int(tokens)
         progress.data_position[data.key] = first + stage.global_batch
+        fault_point(stage, strategy.rank, f"step{step}")
         row = {
             "stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type,
             "global_step": progress.global_step, "stage_step": step, "data": source,
@@ -158,6 +167,11 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
             record_memory(checkpointer.dir, strategy.rank, f"checkpoint step{step}")
     bar.close()
     return last_eval
+
+
+def _primary(stage: Stage) -> str:
+    """The data set whose held-out rows the stage's eval metrics report."""
+    return "finetune" if stage.data.source == "finetune" else "pretrain"
 
 
 def _send_output_to(path: Path) -> None:

@@ -1,0 +1,148 @@
+"""How an interrupted stage continues: decided on the launch side, before anything is launched.
+
+A stage with checkpoints of its own resumes from its newest INTACT one: every checkpoint
+marker lists its files with size and checksum, so a truncated, deleted or changed file is
+found here, not as a crash inside the ranks. Newer damaged tags are moved to
+checkpoints/damaged/ (never deleted). How the intact tag loads depends on what changed
+since it was saved (a rerun with --force and an edited plan):
+
+- native:       same engine settings (or ZeRO-0 fp32, whose state is whole on every rank):
+                DeepSpeed loads the tag as it is.
+- universal:    only the world size changed, within a ZeRO family, with Adam or AdamW: the
+                tag is converted with DeepSpeed's ds_to_universal and loaded with
+                load_universal; optimizer moments and scheduler carried.
+- consolidated: anything else that changed (ZeRO family, optimizer type, precision,
+                offload): the tag's fp32 weights in a Hugging Face folder, a fresh optimizer,
+                and the step, scheduler position and data position kept.
+- refused:      the model changed, or the tag is past the stage's new end: PlanError (exit 2)
+                with the way out.
+Never imports torch; the conversions run in a child process (harness/reshard.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.layout import CHECKPOINT_COMPLETE, StageDir
+from harness.plan import PlanError
+from harness.records import CheckpointRecord, EngineSettings, InvalidRecord, ResumePoint, damaged_files, engine_settings
+from harness.stages import Stage
+
+# ds_to_universal's ZeRO-3 loader knows Adam's state names only (DeepSpeed 0.19.8).
+UNIVERSAL_OPTIMIZERS = {"Adam", "AdamW"}
+
+
+def zero_family(zero_stage: int) -> str:
+    """Stages whose native checkpoints load into each other."""
+    return {0: "zero-0", 1: "zero-1/2", 2: "zero-1/2", 3: "zero-3"}[zero_stage]
+
+
+def checkpoint_tags(stage_dir: StageDir) -> list[str]:
+    """Tags with a completion marker, newest first."""
+    steps = [int(marker.parent.name.removeprefix("step")) for marker in stage_dir.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}")
+             if marker.parent.name.removeprefix("step").isdigit()]
+    return [f"step{step}" for step in sorted(steps, reverse=True)]
+
+
+def checkpoint_damage(stage_dir: StageDir, tag: str) -> tuple[CheckpointRecord | None, str | None]:
+    """(the tag's record, None) when intact, else (record or None, what is wrong)."""
+    folder = stage_dir.checkpoints / tag
+    try:
+        record = CheckpointRecord.read(folder / CHECKPOINT_COMPLETE)
+    except InvalidRecord as error:
+        return None, str(error)
+    damaged = damaged_files(record.files, folder)
+    return record, ("; ".join(damaged) if damaged else None)
+
+
+def intact_checkpoint(stage_dir: StageDir) -> str | None:
+    """The newest tag whose files are all there and unchanged."""
+    return next((tag for tag in checkpoint_tags(stage_dir) if checkpoint_damage(stage_dir, tag)[1] is None), None)
+
+
+def resume_point(stage: Stage, stage_dir: StageDir) -> ResumePoint:
+    """How `stage` continues from its own checkpoints; raises PlanError when it cannot."""
+    set_aside = []
+    for tag in checkpoint_tags(stage_dir):
+        record, damage = checkpoint_damage(stage_dir, tag)
+        if damage is None:
+            return _load_mode(stage, stage_dir, tag, record).model_copy(update={"set_aside": set_aside})
+        set_aside.append(f"{tag} ({damage})")
+    reason = "no checkpoint of its own" if not set_aside else "no intact checkpoint of its own"
+    return ResumePoint(mode="fresh", reason=reason, set_aside=set_aside)
+
+
+def _load_mode(stage: Stage, stage_dir: StageDir, tag: str, record: CheckpointRecord) -> ResumePoint:
+    saved, now = record.engine, engine_settings(stage)
+    step = record.progress.stage_step
+    way_out = f"or move {stage_dir.checkpoints} aside to run the stage from its start"
+    if saved.model != now.model:
+        raise PlanError([(f"stage '{stage.name}' model", now.model.model_dump(exclude_none=True),
+                          f"the model its checkpoint {tag} was trained from ({saved.model.model_dump(exclude_none=True)}): "
+                          f"restore model in the plan, {way_out}")])
+    if step > stage.steps:
+        raise PlanError([(f"stage '{stage.name}' steps", stage.steps,
+                          f"at least {step}, where its checkpoint {tag} already is: raise steps, {way_out}")])
+    changed = _changes(saved, now)
+    common = {"tag": tag, "progress": record.progress}
+    if not changed:
+        return ResumePoint(mode="native", reason=f"same engine settings: DeepSpeed loads {tag} as saved", **common)
+    if set(changed) == {"world size"} and saved.zero_stage == 0 and saved.dtype != "bf16":
+        return ResumePoint(mode="native", reason=f"world size {changed['world size']}: ZeRO-0 state is whole on every rank", **common)
+    summary = ", ".join(f"{what} {change}" for what, change in changed.items())
+    if set(changed) == {"world size"} and saved.optimizer in UNIVERSAL_OPTIMIZERS:
+        return ResumePoint(mode="universal", load_folder=str(stage_dir.checkpoints / f"universal-{tag}"),
+                           reason=f"{summary}: {tag} resharded as a universal checkpoint, optimizer moments and scheduler carried", **common)
+    return ResumePoint(mode="consolidated", load_folder=str(stage_dir.checkpoints / f"consolidated-{tag}"),
+                       reason=f"{summary}: the fp32 weights of {tag} with a fresh optimizer; step, scheduler and data position kept", **common)
+
+
+def _changes(saved: EngineSettings, now: EngineSettings) -> dict[str, str]:
+    pairs = {
+        "world size": (saved.world_size, now.world_size),
+        "ZeRO stage": (saved.zero_stage, now.zero_stage),
+        "precision": (saved.dtype, now.dtype),
+        "optimizer": (saved.optimizer, now.optimizer),
+        "offload": (saved.offload.model_dump(), now.offload.model_dump()),
+    }
+    changes = {what: f"{before} -> {after}" for what, (before, after) in pairs.items() if before != after}
+    if "ZeRO stage" in changes and zero_family(saved.zero_stage) == zero_family(now.zero_stage):
+        del changes["ZeRO stage"]  # ZeRO-1 and ZeRO-2 checkpoints are the same
+    return changes
+
+
+def ds_config_for(point: ResumePoint, config: dict[str, Any]) -> dict[str, Any]:
+    """The stage's DeepSpeed config as the resume needs it: a universal load is a config switch."""
+    if point.mode != "universal":
+        return config
+    return {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
+
+
+def prepare_resume(point: ResumePoint, stage: Stage, stage_dir: StageDir, echo: Callable[[str], None] = print) -> None:
+    """Before the launch: move damaged tags aside and make the folder a universal or
+    consolidated resume loads (in a child process: it needs torch)."""
+    for entry in point.set_aside:
+        tag = entry.split(" ", 1)[0]
+        target = stage_dir.checkpoints / "damaged" / f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (stage_dir.checkpoints / tag).rename(target)
+        echo(f"[harness] stage {stage.name}: checkpoint {entry} is damaged; moved to {target}")
+    if point.mode in ("universal", "consolidated") and not (Path(point.load_folder) / CHECKPOINT_COMPLETE).exists():
+        echo(f"[harness] stage {stage.name}: {point.reason}")
+        request = {"checkpoint": str(stage_dir.checkpoints / point.tag), "mode": point.mode, "out": point.load_folder,
+                   "model": stage.model.model_dump(mode="json")}
+        result = subprocess.run([sys.executable, "-m", "harness.reshard", json.dumps(request)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"converting {stage_dir.checkpoints / point.tag} for a {point.mode} resume failed:\n{result.stderr[-3000:]}")
+
+
+def drop_conversions(stage_dir: StageDir) -> None:
+    """Converted copies of checkpoints (universal-*, consolidated-*) once the stage is done:
+    they are made again from the tag whenever needed."""
+    for folder in list(stage_dir.checkpoints.glob("universal-step*")) + list(stage_dir.checkpoints.glob("consolidated-step*")):
+        shutil.rmtree(folder)
