@@ -323,6 +323,25 @@ def manifest_problem(stage_dir: StageDir) -> str | None:
     return None
 
 
+def older_format(stage_dir: StageDir) -> str | None:
+    """The file of a stage folder that an older harness wrote (a manifest of another format, or a
+    checkpoint marker that holds only progress), if any: its stage must not be rerun over it."""
+    try:
+        manifest = json.loads(stage_dir.manifest.read_text())
+        if isinstance(manifest, dict) and manifest.get("format") not in (None, MANIFEST_FORMAT):
+            return f"{stage_dir.manifest} (format {manifest.get('format')})"
+    except (OSError, ValueError):
+        pass
+    for marker in stage_dir.checkpoints.glob("step*/complete"):
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "stage_step" in record and "engine" not in record:
+            return f"{marker} (progress only)"
+    return None
+
+
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a line cut by a crash is skipped."""
     if not path.exists():

@@ -19,7 +19,7 @@ from harness.ds_config import check_ds_config, deepspeed_block_problems, get_tra
 from harness.hosts import hostfile_path, local_gpu_count
 from harness.launch import deepspeed_binary, launcher_command, shell_quote
 from harness.layout import RunDir, StageDir
-from harness.records import ResumePoint, StageFile, is_done
+from harness.records import ResumePoint, StageFile, is_done, older_format
 from harness.resume import ds_config_for, resume_point
 from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.processes import first_port
@@ -132,6 +132,10 @@ def write_setup(setup: RunSetup) -> list[list[str]]:
     left untouched: they record what ran. How each unfinished stage resumes is decided first
     (setup.resumes): a stage that cannot continue raises PlanError before anything is written."""
     run = setup.run
+    older = [found for stage_dir in run.stage_dirs() if (found := older_format(stage_dir))]
+    if older:
+        raise PlanError([("--out", str(run.root), f"a run folder of this harness version; {older[0]} was written by an older one: "
+                          "finish that run with the version that started it, or use a new --out (nothing in it was changed)")])
     unfinished = [stage for stage in setup.stages if not is_done(run.stage(stage.index, stage.name))]
     setup.resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in unfinished}
     run.phases.mkdir(parents=True, exist_ok=True)

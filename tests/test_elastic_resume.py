@@ -4,6 +4,7 @@ its fp32 weights with a fresh optimizer (consolidated), a changed model or a shr
 refused (exit 2). Damaged checkpoints are found by checksum and set aside, never deleted."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -178,3 +179,22 @@ def test_plan_shows_how_each_stage_resumes(damaged_source, tmp_path: Path):
 
     assert "step6 (native" in shown.stdout
     assert StageFile.read(StageDir(out / "phases" / "00-p").stage_json).resume.tag == "step6"
+
+
+@pytest.mark.parametrize("older", ["marker", "manifest"])
+def test_a_run_folder_of_an_older_harness_is_refused_not_rerun(damaged_source, tmp_path: Path, older: str):
+    plan_path, source = damaged_source
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    stage = StageDir(out / "phases" / "00-p")
+    if older == "marker":  # before issue 12 a marker held only the progress
+        (stage.checkpoints / "step6" / "complete").write_text(json.dumps({"stage_step": 6, "global_step_start": 0}) + "\n")
+    else:
+        stage.manifest.write_text(json.dumps({"format": 1, "stage": "p"}) + "\n")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    refused = harness("run", plan_path, "--out", out)
+
+    assert refused.returncode == 2
+    assert "was written by an older one" in refused.stderr and "--out" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before, "nothing rerun over it"
