@@ -312,17 +312,6 @@ def is_done(stage_dir: StageDir) -> bool:
     return True
 
 
-def manifest_problem(stage_dir: StageDir) -> str | None:
-    """Why a manifest that exists is not valid (None when valid or absent): shown by status."""
-    if not stage_dir.manifest.exists():
-        return None
-    try:
-        read_manifest(stage_dir)
-    except InvalidRecord as error:
-        return str(error)
-    return None
-
-
 def older_format(stage_dir: StageDir) -> str | None:
     """The file of a stage folder that an older harness wrote (a manifest of another format, or a
     checkpoint marker that holds only progress), if any: its stage must not be rerun over it."""
