@@ -49,7 +49,7 @@ def cmd_submit(args) -> int:
 
     setup = prepare(args.plan, args.out, force=args.force)
     write_setup(setup)
-    jobs = render_jobs(setup.stages, Path(args.plan), setup.run, args.single_job)
+    jobs = render_jobs(setup.stages, setup.unfinished(), Path(args.plan), setup.run, args.single_job)
     if not jobs:
         print("every stage is done; nothing to submit")
         return 0

@@ -2,6 +2,7 @@
 how many GPUs this machine has. Never imports torch."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -36,6 +37,7 @@ def resolve_hosts(stage: Stage, stage_dir: StageDir) -> tuple[str | None, list[s
     return hostfile, hostfile_hosts(Path(hostfile).read_text()), cluster.master_addr
 
 
+@functools.cache  # asked for the accelerator and for the local launch's rank count: run it once
 def local_gpu_count() -> int | None:
     """The GPUs `nvidia-smi -L` lists on this machine; None when it cannot be run."""
     try:

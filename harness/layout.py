@@ -58,12 +58,16 @@ class StageDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def checkpoint_tags(self) -> list[str]:
+        """Tags "step<N>" with a completion marker, newest first. Not DeepSpeed's `latest` file:
+        DeepSpeed 0.19.8 writes it before every rank has saved its shard, so a kill can leave it
+        pointing at a half-written checkpoint."""
+        steps = [name.removeprefix("step") for name in (marker.parent.name for marker in self.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}"))]
+        return [f"step{step}" for step in sorted((int(s) for s in steps if s.isdigit()), reverse=True)]
+
     def latest_checkpoint(self) -> str | None:
-        """The newest complete checkpoint tag. Not DeepSpeed's `latest` file: DeepSpeed 0.19.8
-        writes it before every rank has saved its shard, so a kill can leave it pointing at a
-        half-written checkpoint."""
-        steps = [int(marker.parent.name.removeprefix("step")) for marker in self.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}")]
-        return f"step{max(steps)}" if steps else None
+        """The newest tag with a completion marker (resume.py checks that its files are intact)."""
+        return next(iter(self.checkpoint_tags()), None)
 
     @property
     def model(self) -> Path:

@@ -38,7 +38,7 @@ def run_stages(setup: RunSetup, only: int | None = None, echo: Callable[[str], N
     todo = [stage for stage in setup.stages if only in (None, stage.index)]
     # Tokenize before anything launches (no collective waits on it) and before anything is
     # written: a data problem is bad input (exit 2).
-    build_missing(required_stores([stage for stage in todo if not is_done(_dir(setup, stage))]), echo)
+    build_missing(required_stores([stage for stage in todo if stage.index in setup.resumes]), echo)
     write_setup(setup)
     collect_metrics(setup.run)
     for stage in todo:

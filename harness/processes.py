@@ -24,7 +24,7 @@ from harness.hosts import resolve_hosts
 from harness.launch import (SECRETS_FILE_VAR, deepspeed_binary, deepspeed_env_file, launcher_command, launcher_environment,
                             rank_environment, shell_quote, split_secrets)
 from harness.layout import StageDir
-from harness.records import RankRecord
+from harness.records import RankRecord, write_atomic
 from harness.stages import Stage
 from harness.wandb_mode import resolve_mode
 
@@ -61,7 +61,7 @@ def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
     with _secrets_file(secrets if stage.cluster.launcher == "pdsh" else {}) as secrets_file:
         if secrets_file:
             rank_env[SECRETS_FILE_VAR] = secrets_file
-        _write_private(stage_dir.deepspeed_env, deepspeed_env_file(rank_env))
+        write_atomic(stage_dir.deepspeed_env, deepspeed_env_file(rank_env), mode=0o600)
         env = {**launcher_environment(stage.cluster.launcher, dict(os.environ), rank_env), "DS_ENV_FILE": str(stage_dir.deepspeed_env)}
         return _run_launcher(argv, env, stage, stage_dir, hosts)
 
@@ -103,14 +103,6 @@ def _secrets_file(secrets: dict[str, str]) -> Iterator[str | None]:
         yield path
     finally:
         os.unlink(path)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only the user can read: created 0600 (never readable by others, not even
-    briefly); a file already there, of whatever mode, is replaced."""
-    path.unlink(missing_ok=True)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(text)
 
 
 def _raise_interrupt(signum, frame):

@@ -28,9 +28,11 @@ class InvalidRecord(Exception):
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write text so that readers see the old file or the whole new one, never a part."""
+    """Write text so that readers see the old file or the whole new one, never a part. The file
+    is created with `mode` (0o600: never readable by others, not even briefly)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode: start afresh
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

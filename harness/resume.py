@@ -42,13 +42,6 @@ def zero_family(zero_stage: int) -> str:
     return {0: "zero-0", 1: "zero-1/2", 2: "zero-1/2", 3: "zero-3"}[zero_stage]
 
 
-def checkpoint_tags(stage_dir: StageDir) -> list[str]:
-    """Tags with a completion marker, newest first."""
-    steps = [int(marker.parent.name.removeprefix("step")) for marker in stage_dir.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}")
-             if marker.parent.name.removeprefix("step").isdigit()]
-    return [f"step{step}" for step in sorted(steps, reverse=True)]
-
-
 def checkpoint_damage(stage_dir: StageDir, tag: str) -> tuple[CheckpointRecord | None, str | None]:
     """(the tag's record, None) when intact, else (record or None, what is wrong)."""
     folder = stage_dir.checkpoints / tag
@@ -62,13 +55,13 @@ def checkpoint_damage(stage_dir: StageDir, tag: str) -> tuple[CheckpointRecord |
 
 def intact_checkpoint(stage_dir: StageDir) -> str | None:
     """The newest tag whose files are all there and unchanged."""
-    return next((tag for tag in checkpoint_tags(stage_dir) if checkpoint_damage(stage_dir, tag)[1] is None), None)
+    return next((tag for tag in stage_dir.checkpoint_tags() if checkpoint_damage(stage_dir, tag)[1] is None), None)
 
 
 def resume_point(stage: Stage, stage_dir: StageDir) -> ResumePoint:
     """How `stage` continues from its own checkpoints; raises PlanError when it cannot."""
     set_aside = []
-    for tag in checkpoint_tags(stage_dir):
+    for tag in stage_dir.checkpoint_tags():
         record, damage = checkpoint_damage(stage_dir, tag)
         if damage is None:
             return _load_mode(stage, stage_dir, tag, record).model_copy(update={"set_aside": set_aside})

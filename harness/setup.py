@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,18 @@ class RunSetup:
     stages: list[Stage]
     configs: list[dict[str, Any]]
     run: RunDir
-    resumes: dict[int, ResumePoint] = field(default_factory=dict)
-    """Unfinished stages: how each continues from its own checkpoints (set by write_setup)."""
+    resumes: dict[int, ResumePoint]
+    """Unfinished stages (by index): how each continues from its own checkpoints."""
+
+    def unfinished(self) -> list[Stage]:
+        return [stage for stage in self.stages if stage.index in self.resumes]
 
 
 def detect_accelerator(choice: str) -> str:
     """'cuda' when asked or when nvidia-smi lists a GPU, else 'cpu'."""
     if choice != "auto":
         return choice
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-    return "cuda" if "GPU" in listing else "cpu"
+    return "cuda" if local_gpu_count() else "cpu"
 
 
 def count_train_rows(spec: DataSpec) -> int:
@@ -107,19 +105,28 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
         raise PlanError(error.problems + out_problems) from None
     if out_problems:
         raise PlanError(out_problems)
-    setup = RunSetup(Path(plan_path).read_text(), plan, stages, configs, RunDir(root))
-    _check_same_plan(setup, force)
-    return setup
+    run, plan_text = RunDir(root), Path(plan_path).read_text()
+    _check_same_plan(run, plan_text, force)
+    _check_same_version(run)
+    # How each unfinished stage continues; a stage that cannot raises PlanError here.
+    resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in stages if not is_done(run.stage(stage.index, stage.name))}
+    return RunSetup(plan_text, plan, stages, configs, run, resumes)
 
 
-def _check_same_plan(setup: RunSetup, force: bool) -> None:
-    digest_file = setup.run.plan_digest
-    if digest_file.exists() and digest_file.read_text().strip() != _digest(setup.plan_text) and not force:
+def _check_same_plan(run: RunDir, plan_text: str, force: bool) -> None:
+    if run.plan_digest.exists() and run.plan_digest.read_text().strip() != _digest(plan_text) and not force:
         raise PlanError([(
-            "--out", str(setup.run.root),
+            "--out", str(run.root),
             "holds a run of a different plan; use another --out, or --force to continue it with this plan "
             "(finished stages are kept as they are)",
         )])
+
+
+def _check_same_version(run: RunDir) -> None:
+    older = [found for stage_dir in run.stage_dirs() if (found := older_format(stage_dir))]
+    if older:
+        raise PlanError([("--out", str(run.root), f"a run folder of this harness version; {older[0]} was written by an older one: "
+                          "finish that run with the version that started it, or use a new --out (nothing in it was changed)")])
 
 
 def _digest(text: str) -> str:
@@ -129,15 +136,8 @@ def _digest(text: str) -> str:
 def write_setup(setup: RunSetup) -> list[list[str]]:
     """Write the plan copy and every unfinished stage's files; return each stage's launcher argv
     (as `harness plan` shows it: the port is the first one tried). A finished stage's files are
-    left untouched: they record what ran. How each unfinished stage resumes is decided first
-    (setup.resumes): a stage that cannot continue raises PlanError before anything is written."""
+    left untouched: they record what ran. An unfinished stage's stage.json carries how it resumes."""
     run = setup.run
-    older = [found for stage_dir in run.stage_dirs() if (found := older_format(stage_dir))]
-    if older:
-        raise PlanError([("--out", str(run.root), f"a run folder of this harness version; {older[0]} was written by an older one: "
-                          "finish that run with the version that started it, or use a new --out (nothing in it was changed)")])
-    unfinished = [stage for stage in setup.stages if not is_done(run.stage(stage.index, stage.name))]
-    setup.resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in unfinished}
     run.phases.mkdir(parents=True, exist_ok=True)
     run.plan_copy.write_text(setup.plan_text)
     run.plan_digest.write_text(_digest(setup.plan_text) + "\n")

@@ -16,7 +16,7 @@ from string import Template
 from harness.exit_codes import PREEMPTED
 from harness.launch import shell_quote
 from harness.layout import RunDir
-from harness.records import SlurmJob, SlurmJobs, is_done
+from harness.records import SlurmJob, SlurmJobs
 from harness.plan import SlurmSpec
 from harness.stages import Stage
 
@@ -55,15 +55,14 @@ def render_sbatch(*, job_name: str, what: str, nodes: int, tasks_per_node: int, 
     )
 
 
-def render_jobs(stages: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[SlurmJob]:
+def render_jobs(stages: list[Stage], unfinished: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[SlurmJob]:
     """Write one script per unfinished stage (or one for the whole run) under <run>/slurm/."""
     run.slurm.mkdir(parents=True, exist_ok=True)
     harness = [sys.executable, "-m", "harness.cli", "run", str(plan_path.resolve()), "--out", str(run.root)]
     if single_job:
         groups = [("all", [s for s in stages], harness, "every stage of the run")]
     else:
-        todo = [s for s in stages if not is_done(run.stage(s.index, s.name))]
-        groups = [(f"{s.index:02d}-{s.name}", [s], harness + ["--only", str(s.index)], f"stage {s.index:02d} '{s.name}'") for s in todo]
+        groups = [(f"{s.index:02d}-{s.name}", [s], harness + ["--only", str(s.index)], f"stage {s.index:02d} '{s.name}'") for s in unfinished]
     jobs = []
     for name, members, command, what in groups:
         script = run.slurm_script(name)

@@ -118,6 +118,7 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
     stages: list[Stage] = []
     problems: list[tuple[str, Any, str]] = []
     shape = model_shape(model_config)
+    count_train_rows = _counted_once(count_train_rows)
     for i, phase in enumerate(plan.phases):
         phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
@@ -130,6 +131,19 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
     if problems:
         raise PlanError(problems)
     return stages
+
+
+def _counted_once(count_train_rows: RowCounter) -> RowCounter:
+    """The counter, reading each data set once: every stage of a multistep phase asks for the same."""
+    counts: dict[str, int] = {}
+
+    def counted(spec: DataSpec) -> int:
+        key = spec.model_dump_json()
+        if key not in counts:
+            counts[key] = count_train_rows(spec)
+        return counts[key]
+
+    return counted
 
 
 def _with_phase_offsets(phase_stages: list[Stage]) -> list[Stage]:

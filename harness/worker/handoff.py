@@ -191,9 +191,8 @@ class Checkpointer:
         """Keep this stage's newest keep_checkpoints complete tags. An older one loses its marker
         first, so a crash midway leaves an incomplete tag, which nothing loads. Tags without a
         marker (a save that was killed) and other stages' checkpoints are never touched."""
-        steps = sorted(int(m.parent.name.removeprefix("step")) for m in self.dir.checkpoints.glob(f"step*/{CHECKPOINT_COMPLETE}"))
-        for step in steps[: -self.stage.settings.keep_checkpoints]:
-            old = self.dir.checkpoints / f"step{step}"
+        for tag in self.dir.checkpoint_tags()[self.stage.settings.keep_checkpoints:]:
+            old = self.dir.checkpoints / tag
             (old / CHECKPOINT_COMPLETE).unlink()
             shutil.rmtree(old)
 
