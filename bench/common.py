@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 OUT = BENCH / "out"
 PRETRAIN_TEXT = REPO / "plans" / "data" / "pretrain.txt"
+FINETUNE_JSONL = REPO / "plans" / "data" / "finetune.jsonl"
 
 # Workers find the harness without an install (the GPU machine has no pip install of it),
 # and on CPU the JIT-built shm op is cached across runs.
@@ -68,13 +69,14 @@ def random_llama_folder(name: str, shape: dict[str, Any]) -> Path:
     return folder
 
 
-def write_plan(folder: Path, name: str, args, phases: list[dict[str, Any]], port: int) -> Path:
-    """A plan with one or more pretrain phases on the bench's model, data and ranks.
-    Eval and checkpoints happen only at each phase's end (eval: one batch)."""
+def write_plan(folder: Path, name: str, args, phases: list[dict[str, Any]], port: int, transitions: str = "swap") -> Path:
+    """A plan with one or more phases (pretrain unless a phase says otherwise) on the bench's model,
+    data and ranks. Eval and checkpoints happen only at each phase's end (eval: one batch)."""
     plan = {
         "name": name,
         "model": model_block(args.model),
-        "cluster": {"launcher": "local", "accelerator": args.accelerator, "procs_per_node": args.ranks, "master_port": port},
+        "cluster": {"launcher": "local", "accelerator": args.accelerator, "procs_per_node": args.ranks, "master_port": port,
+                    "transitions": transitions},
         "wandb": {"mode": "disabled"},
         "defaults": {
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "zero_stage": args.zero,
@@ -104,8 +106,9 @@ def launch_like_stage(stage_dir: StageDir, script: Path, script_args: list[str],
     (.deepspeed_env) that the harness used for `stage_dir`; only the master port and the program
     differ. Returns the wall times (start, end) of the launcher process."""
     argv = shlex.split(stage_dir.command.read_text())
-    assert argv[-4:-2] == ["--module", "harness.worker"], argv  # ... --module harness.worker --stage S
-    argv = argv[:-4] + [str(script), *script_args]
+    worker = argv.index("--module")  # ... --module harness.worker --stage S [--stage S2 ...]
+    assert argv[worker + 1] == "harness.worker", argv
+    argv = argv[:worker] + [str(script), *script_args]
     argv[argv.index("--master_port") + 1] = str(free_port(port_from))  # a reused port stalls init (DESIGN.md)
     env_file = stage_dir.deepspeed_env
     rank_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line)

@@ -21,11 +21,14 @@ def cmd_plan(args) -> int:
     from harness.setup import prepare, write_setup
 
     setup = prepare(args.plan, args.out, force=args.force)
-    commands = write_setup(setup)
+    launches = write_setup(setup)
     _print_stages(setup)
     _print_stores(setup)
-    for stage, argv in zip(setup.stages, commands):
-        print(f"\n# stage {stage.index:02d} {stage.name}\n{' '.join(argv)}")
+    for group, argv in launches:
+        first, last = group[0], group[-1]
+        what = f"stage {first.index:02d} {first.name}" if len(group) == 1 else \
+            f"stages {first.index:02d}-{last.index:02d} ({first.name} .. {last.name}): one launch, the engine swapped between stages"
+        print(f"\n# {what}\n{' '.join(argv)}")
     print(f"\nwrote {setup.run.phases}/*/ds_config.json and command.txt (ports are chosen free at launch)")
     return 0
 
@@ -38,7 +41,7 @@ def cmd_run(args) -> int:
     setup = prepare(args.plan, args.out, force=args.force)
     if setup.plan.cluster.launcher == "slurm" and "SLURM_JOB_NODELIST" not in os.environ:
         raise PlanError([("cluster.launcher", "slurm", "runs inside a SLURM allocation: use `harness submit`, or run under salloc/sbatch")])
-    run_stages(setup, only=args.only)
+    run_stages(setup, only=args.only, verbose=args.verbose)
     return 0
 
 
@@ -85,7 +88,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     setup = prepare(write_demo_workspace(out), out)
-    run_stages(setup)
+    run_stages(setup, verbose=args.verbose)
     final = setup.run.stage(setup.stages[-1].index, setup.stages[-1].name).model
     print(
         f"\nThe final model is a Hugging Face folder: {final}\n"
@@ -186,13 +189,16 @@ def _print_stages(setup) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from harness.stages import launch_groups
+
+    launch_of = {stage.index: n for n, group in enumerate(launch_groups(setup.stages, set(setup.resumes)), 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
-    for column in ("#", "stage", "kind", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "starts"):
+    for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "starts"):
         table.add_column(column)
     for st in setup.stages:
         s = st.settings
-        table.add_row(f"{st.index:02d}", st.name, st.kind, str(st.world_size), str(s.zero_stage), st.precision, st.optimizer_type,
-                      str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", _start_of(setup, st))
+        table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(s.zero_stage), st.precision,
+                      st.optimizer_type, str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", _start_of(setup, st))
     Console(width=200).print(table)
     for stage in setup.stages:
         resume = setup.resumes.get(stage.index)
@@ -210,6 +216,18 @@ def _start_of(setup, stage) -> str:
     if resume.mode == "fresh":
         return "previous stage's handoff" if stage.index else "plan's model"
     return f"{resume.tag} ({resume.mode})"
+
+
+def _stage_numbers(text: str) -> set[int]:
+    """'3' -> {3}; '3-6' -> {3, 4, 5, 6}."""
+    first, _, last = text.partition("-")
+    try:
+        numbers = set(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a stage number N or a range N-M") from None
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty range")
+    return numbers
 
 
 COMMANDS = {
@@ -230,13 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, plan and run (default: runs/demo)")
+    demo.add_argument("--verbose", action="store_true", help="show everything the launcher prints (DeepSpeed's own lines too)")
     for name in ("plan", "run", "submit"):
         p = sub.add_parser(name, help=COMMANDS[name].__doc__)
         p.add_argument("plan", help="plan YAML file")
         p.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
         p.add_argument("--force", action="store_true", help="continue a run folder whose plan changed (finished stages are kept)")
         if name == "run":
-            p.add_argument("--only", type=int, default=None, metavar="N", help="run only stage number N (what each SLURM job does)")
+            p.add_argument("--only", type=_stage_numbers, default=None, metavar="N[-M]",
+                           help="run only stage number N, or stages N to M (what each SLURM job does)")
+            p.add_argument("--verbose", action="store_true", help="show everything the launcher prints (DeepSpeed's own lines too)")
         if name == "submit":
             p.add_argument("--single-job", action="store_true", help="one allocation for every stage instead of one job per stage")
             p.add_argument("--dry-run", action="store_true", help="render the sbatch scripts under <out>/slurm/, submit nothing")

@@ -46,8 +46,9 @@ SECRETS_FILE_VAR = "HARNESS_SECRETS_FILE"
 DEEPSPEED_FORWARDED = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 
 
-def launcher_command(stage: Stage, stage_dir: StageDir, master_addr: str, master_port: int, deepspeed_bin: str, hostfile: str | None) -> list[str]:
-    """The exact argv that starts one stage on all its ranks."""
+def launcher_command(stage: Stage, stage_dirs: list[StageDir], master_addr: str, master_port: int, deepspeed_bin: str, hostfile: str | None) -> list[str]:
+    """The exact argv that starts one launch on all its ranks: the stages of `stage_dirs`, in order
+    (one, or a group that swaps the engine in the running ranks), on the topology of `stage`."""
     cluster = stage.cluster
     argv = [deepspeed_bin]
     if cluster.launcher == "local":
@@ -65,10 +66,9 @@ def launcher_command(stage: Stage, stage_dir: StageDir, master_addr: str, master
         argv += ["--exclude", cluster.exclude]
     argv += ["--master_addr", master_addr, "--master_port", str(master_port)]
     argv += cluster.launcher_args
-    if cluster.launcher == "slurm":
-        argv += [str(WORKER_SCRIPT), "--stage", str(stage_dir.stage_json)]
-    else:
-        argv += ["--module", WORKER_MODULE, "--stage", str(stage_dir.stage_json)]
+    argv += [str(WORKER_SCRIPT)] if cluster.launcher == "slurm" else ["--module", WORKER_MODULE]
+    for stage_dir in stage_dirs:
+        argv += ["--stage", str(stage_dir.stage_json)]
     return argv
 
 

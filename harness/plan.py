@@ -147,6 +147,10 @@ class ClusterSpec(Strict):
     env: dict[EnvName, ShellWord] = {}
     """Environment for every rank (written to .deepspeed_env for remote nodes). No secrets: the plan
     is copied into the run folder; export them in the shell that runs harness."""
+    transitions: Literal["swap", "relaunch"] = "swap"
+    """swap: consecutive stages on the same nodes and ranks per node share one launch; the running
+    ranks hand off, tear the engine down and build the next stage's engine (seconds instead of a
+    relaunch). relaunch: a fresh `deepspeed` launch for every stage."""
 
 
 class OptimizerSpec(Strict):

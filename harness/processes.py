@@ -1,13 +1,15 @@
-"""One stage's launcher process group: start it, stream its output, stop it and its ranks.
+"""One launch's process group: start it, stream its output, stop it and its ranks.
 
-Each stage is its own `deepspeed` launcher in its own process group with a fresh master
-port (reusing a port right after the previous stage stalled init ~30 s). Never imports
-torch; never ends a process it did not start.
+A launch runs one stage, or a group of stages whose ranks swap the engine in place
+(stages.launch_groups). Each launch is its own `deepspeed` launcher in its own process group
+with a fresh master port (reusing a port right after the previous launch stalled init ~30 s).
+Never imports torch; never ends a process it did not start.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -16,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from harness.hosts import resolve_hosts
 from harness.launch import (SECRETS_FILE_VAR, deepspeed_binary, deepspeed_env_file, launcher_command, launcher_environment,
@@ -46,36 +48,43 @@ def free_port(start: int) -> int:
     raise RuntimeError(f"no free port in {start}..{start + 199}")
 
 
-def launch_stage(stage: Stage, stage_dir: StageDir) -> int:
-    """Start the stage's launcher in its own process group, stream its output, return its exit code.
-    Ctrl-C or SIGTERM stops that launch and every rank it started (and nothing else), then re-raises."""
-    hostfile, hosts, master_addr = resolve_hosts(stage, stage_dir)
-    port = free_port(first_port(stage))
-    argv = launcher_command(stage, stage_dir, master_addr, port, deepspeed_binary(sys.executable), hostfile)
-    stage_dir.command.write_text(shell_quote(argv) + "\n")
-    rank_env = {**rank_environment(stage, dict(os.environ), master_addr, port), "WANDB_MODE": resolve_mode(stage.wandb.mode)}
-    shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt
+def launch_group(stages: list[Stage], stage_dirs: list[StageDir], verbose: bool = False) -> int:
+    """Start one launch for `stages` (one stage, or a group whose ranks swap the engine in place) in
+    its own process group, stream its output, return its exit code. Each stage's lines go to its
+    own launcher.log; the console shows the harness's own lines (`verbose`: everything). Ctrl-C or
+    SIGTERM stops the launch and every rank it started (and nothing else), then re-raises."""
+    first, first_dir = stages[0], stage_dirs[0]
+    hostfile, hosts, master_addr = resolve_hosts(first, first_dir)
+    port = free_port(first_port(first))
+    argv = launcher_command(first, stage_dirs, master_addr, port, deepspeed_binary(sys.executable), hostfile)
+    rank_env = {**rank_environment(first, dict(os.environ), master_addr, port), "WANDB_MODE": resolve_mode(first.wandb.mode)}
     _, secrets = split_secrets(rank_env)
     # pdsh ranks get only what the launcher prints on its logged command line: their secrets wait
     # in a private file for the length of the launch. Other ranks inherit the launcher's environment.
-    with _secrets_file(secrets if stage.cluster.launcher == "pdsh" else {}) as secrets_file:
+    with _secrets_file(secrets if first.cluster.launcher == "pdsh" else {}) as secrets_file:
         if secrets_file:
             rank_env[SECRETS_FILE_VAR] = secrets_file
-        write_atomic(stage_dir.deepspeed_env, deepspeed_env_file(rank_env), mode=0o600)
-        env = {**launcher_environment(stage.cluster.launcher, dict(os.environ), rank_env), "DS_ENV_FILE": str(stage_dir.deepspeed_env)}
-        return _run_launcher(argv, env, stage, stage_dir, hosts)
+        for stage_dir in stage_dirs:
+            stage_dir.command.write_text(shell_quote(argv) + "\n")
+            shutil.rmtree(stage_dir.ranks, ignore_errors=True)  # rank files of an earlier attempt
+            write_atomic(stage_dir.deepspeed_env, deepspeed_env_file(rank_env), mode=0o600)
+        env = {**launcher_environment(first.cluster.launcher, dict(os.environ), rank_env), "DS_ENV_FILE": str(first_dir.deepspeed_env)}
+        return _run_launcher(argv, env, stages, stage_dirs, hosts, verbose)
 
 
-def _run_launcher(argv: list[str], env: dict[str, str], stage: Stage, stage_dir: StageDir, hosts: list[str]) -> int:
-    with open(stage_dir.launcher_log, "ab") as log:
-        log.write(f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode())
-        process = subprocess.Popen(argv, cwd=stage_dir.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def _run_launcher(argv: list[str], env: dict[str, str], stages: list[Stage], stage_dirs: list[StageDir], hosts: list[str], verbose: bool) -> int:
+    with ExitStack() as files:
+        logs = {stage.index: files.enter_context(open(d.launcher_log, "ab")) for stage, d in zip(stages, stage_dirs)}
+        header = f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode()
+        for log in logs.values():
+            log.write(header)
+        process = subprocess.Popen(argv, cwd=stage_dirs[0].root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            _stream(process, log)
+            _stream(process, logs, verbose)
             return process.wait()
         except KeyboardInterrupt:
-            stop_launch(process, stage, stage_dir, hosts)
+            stop_launch(process, stages[0], stage_dirs, hosts)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_term)
@@ -109,17 +118,46 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _stream(process: subprocess.Popen, log) -> None:
+# A line the worker prints as a stage of the launch begins ("[harness] stage 03 ..."): the
+# launcher's output from there on belongs to that stage's log.
+STAGE_LINE = re.compile(rb"^\[harness\] stage (\d+) ")
+SEGMENT_END = re.compile(rb"[\r\n]")
+
+
+def _stream(process: subprocess.Popen, logs: dict[int, BinaryIO], verbose: bool) -> None:
+    """Copy the launcher's output into the log of the stage it is about, line by line (a progress
+    bar's \\r-separated refreshes count as lines). The console gets the harness's own lines
+    ("[harness] ...", progress bars included); DeepSpeed's INFO lines and warnings stay in the log."""
     out = sys.stdout.buffer
+    log = next(iter(logs.values()))
+    pending, bar_open = b"", False
     fd = process.stdout.fileno()
     while chunk := os.read(fd, 65536):
-        log.write(chunk)
-        out.write(chunk)
+        pending += chunk
+        start = 0
+        for end in SEGMENT_END.finditer(pending):
+            segment = pending[start:end.end()]
+            start = end.end()
+            stage = STAGE_LINE.match(segment)
+            if stage and int(stage.group(1)) in logs:
+                log = logs[int(stage.group(1))]
+            log.write(segment)
+            # A closing progress bar's own line end counts as the harness's (the bar ends in \r).
+            if verbose or segment.startswith(b"[harness]") or (bar_open and segment in (b"\r", b"\n")):
+                out.write(segment)
+                bar_open = segment.endswith(b"\r")
+        pending = pending[start:]
+        log.flush()
+        out.flush()
+    log.write(pending)
+    if verbose or pending.startswith(b"[harness]"):
+        out.write(pending)
         out.flush()
 
 
-def stop_launch(process: subprocess.Popen, stage: Stage, stage_dir: StageDir, hosts: list[str], grace_s: float = 10.0) -> None:
-    """End a launch: the launcher's process group, then any rank still alive, by its recorded PID.
+def stop_launch(process: subprocess.Popen, stage: Stage, stage_dirs: list[StageDir], hosts: list[str], grace_s: float = 10.0) -> None:
+    """End a launch: the launcher's process group, then any rank still alive, by the PID it recorded
+    in the folder of any stage of the launch.
 
     DeepSpeed's pdsh runner answers SIGTERM by running `pkill -f` on every host (0.19.8), which
     can kill other people's runs: it gets SIGKILL, and its remote ranks are ended over ssh.
@@ -133,7 +171,8 @@ def stop_launch(process: subprocess.Popen, stage: Stage, stage_dir: StageDir, ho
             time.sleep(0.2)
         _signal_group(process, signal.SIGKILL)
     process.wait()
-    end_ranks(stage_dir, hosts if stage.cluster.launcher == "pdsh" else [])
+    for stage_dir in stage_dirs:
+        end_ranks(stage_dir, hosts if stage.cluster.launcher == "pdsh" else [])
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

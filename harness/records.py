@@ -20,7 +20,7 @@ from harness.layout import StageDir
 from harness.plan import ModelSpec, OffloadSpec
 from harness.stages import Stage
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # 3: weight and optimizer-state digests are xxh3-128 (2: sha256)
 
 
 class InvalidRecord(Exception):
@@ -244,7 +244,7 @@ class MemoryRecord(Record):
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
-    format: Literal[2] = MANIFEST_FORMAT
+    format: Literal[3] = MANIFEST_FORMAT
     stage: str
     index: int
     phase: str

@@ -22,7 +22,7 @@ from harness.records import ResumePoint, StageFile, is_done, older_format
 from harness.resume import ds_config_for, resume_point
 from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.processes import first_port
-from harness.stages import Stage, eval_size, expand_stages, stage_fields
+from harness.stages import Stage, eval_size, expand_stages, launch_groups, stage_fields
 from harness.token_store import count_rows
 
 
@@ -133,25 +133,29 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_setup(setup: RunSetup) -> list[list[str]]:
-    """Write the plan copy and every unfinished stage's files; return each stage's launcher argv
-    (as `harness plan` shows it: the port is the first one tried). A finished stage's files are
-    left untouched: they record what ran. An unfinished stage's stage.json carries how it resumes."""
+def write_setup(setup: RunSetup) -> list[tuple[list[Stage], list[str]]]:
+    """Write the plan copy and every unfinished stage's files; return each launch (its stages and its
+    launcher argv, as `harness plan` shows it: the port is the first one tried). A finished stage's
+    files are left untouched: they record what ran. An unfinished stage's stage.json carries how it resumes."""
     run = setup.run
     run.phases.mkdir(parents=True, exist_ok=True)
     run.plan_copy.write_text(setup.plan_text)
     run.plan_digest.write_text(_digest(setup.plan_text) + "\n")
-    commands = []
     previous: StageDir | None = None
     for stage, config in zip(setup.stages, setup.configs):
         stage_dir = run.stage(stage.index, stage.name)
-        argv = launcher_command(stage, stage_dir, stage.cluster.master_addr, first_port(stage), deepspeed_binary(sys.executable), hostfile_path(stage, stage_dir))
-        commands.append(argv)
         resume = setup.resumes.get(stage.index)
         if resume is not None:
             stage_dir.root.mkdir(parents=True, exist_ok=True)
             StageFile(stage=stage, previous=str(previous.root) if previous else None, run_dir=str(run.root), resume=resume).write(stage_dir.stage_json)
             stage_dir.ds_config.write_text(json.dumps(ds_config_for(resume, config), indent=2, sort_keys=True) + "\n")
-            stage_dir.command.write_text(shell_quote(argv) + "\n")
         previous = stage_dir
-    return commands
+    launches = []
+    for group in launch_groups(setup.stages, set(setup.resumes)):
+        dirs = [run.stage(stage.index, stage.name) for stage in group]
+        argv = launcher_command(group[0], dirs, group[0].cluster.master_addr, first_port(group[0]), deepspeed_binary(sys.executable),
+                                hostfile_path(group[0], dirs[0]))
+        for stage_dir in dirs:
+            stage_dir.command.write_text(shell_quote(argv) + "\n")
+        launches.append((group, argv))
+    return launches

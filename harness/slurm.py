@@ -1,6 +1,7 @@
-"""`harness submit`: one sbatch job per stage, chained with afterok, and the jobs' states.
+"""`harness submit`: one sbatch job per launch (a stage, or consecutive stages that share a launch),
+chained with afterok, and the jobs' states.
 
-Each job runs `harness run <plan> --out <run> --only <N>` inside its allocation: the
+Each job runs `harness run <plan> --out <run> --only <N>[-<M>]` inside its allocation: the
 same orchestrator, so validation, resume and the handoff are the same as on a
 workstation. `--single-job` runs every stage in one allocation instead.
 No torch here; SLURM is reached through sbatch and scontrol (sacct needs accounting,
@@ -18,7 +19,7 @@ from harness.launch import shell_quote
 from harness.layout import RunDir
 from harness.records import SlurmJob, SlurmJobs
 from harness.plan import SlurmSpec
-from harness.stages import Stage
+from harness.stages import Stage, launch_groups
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
 
@@ -56,13 +57,14 @@ def render_sbatch(*, job_name: str, what: str, nodes: int, tasks_per_node: int, 
 
 
 def render_jobs(stages: list[Stage], unfinished: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[SlurmJob]:
-    """Write one script per unfinished stage (or one for the whole run) under <run>/slurm/."""
+    """Write one script per launch of the unfinished stages (stages.launch_groups: a stage, or
+    consecutive stages that swap the engine in one launch), or one for the whole run, under <run>/slurm/."""
     run.slurm.mkdir(parents=True, exist_ok=True)
     harness = [sys.executable, "-m", "harness.cli", "run", str(plan_path.resolve()), "--out", str(run.root)]
     if single_job:
         groups = [("all", [s for s in stages], harness, "every stage of the run")]
     else:
-        groups = [(f"{s.index:02d}-{s.name}", [s], harness + ["--only", str(s.index)], f"stage {s.index:02d} '{s.name}'") for s in unfinished]
+        groups = [_job_of(launch, harness) for launch in launch_groups(stages, {s.index for s in unfinished})]
     jobs = []
     for name, members, command, what in groups:
         script = run.slurm_script(name)
@@ -80,6 +82,15 @@ def render_jobs(stages: list[Stage], unfinished: list[Stage], plan_path: Path, r
         ))
         jobs.append(SlurmJob(name=name, script=str(script), stages=[s.index for s in members]))
     return jobs
+
+
+def _job_of(launch: list[Stage], harness: list[str]) -> tuple[str, list[Stage], list[str], str]:
+    """(job name, stages, command, what it runs) of the job that runs one launch."""
+    first, last = launch[0], launch[-1]
+    if first is last:
+        return f"{first.index:02d}-{first.name}", launch, harness + ["--only", str(first.index)], f"stage {first.index:02d} '{first.name}'"
+    numbers = f"{first.index:02d}-{last.index:02d}"
+    return numbers, launch, harness + ["--only", f"{first.index}-{last.index}"], f"stages {numbers} ('{first.name}' .. '{last.name}') in one launch"
 
 
 def submit_jobs(jobs: list[SlurmJob], run: RunDir) -> list[SlurmJob]:

@@ -1,4 +1,4 @@
-"""Plan -> ordered list of stages. A stage is one relaunch of the DeepSpeed engine.
+"""Plan -> ordered list of stages, and which of them share a launch. A stage is one DeepSpeed engine.
 
 A pretrain or finetune phase is one stage; a multistep phase expands into
 cycles x stages, named `<phase>.c<k>.s<j>-<name>`. Every stage is fully
@@ -271,3 +271,23 @@ def _steps(settings: TrainSettings, global_batch: int, data: StageData, train_ro
 def eval_size(n_rows: int, spec: DataSpec) -> int:
     """How many of n_rows samples are held out for evaluation (the worker uses the same rule)."""
     return min(spec.eval_max_samples, max(1, int(n_rows * spec.eval_fraction)))
+
+
+def launch_groups(stages: list[Stage], todo: set[int]) -> list[list[Stage]]:
+    """The launches that run the stages numbered in `todo`, in run order. With cluster.transitions
+    `swap`, consecutive stages on the same nodes and ranks per node share one launch (the ranks
+    swap the engine in place); a topology change, a stage not to run, or `relaunch` starts a new one."""
+    groups: list[list[Stage]] = []
+    previous: Stage | None = None
+    for stage in stages:
+        if stage.index not in todo:
+            previous = None
+            continue
+        joins = (previous is not None and stage.cluster.transitions == "swap"
+                 and (stage.nodes, stage.procs_per_node) == (previous.nodes, previous.procs_per_node))
+        if joins:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+        previous = stage
+    return groups

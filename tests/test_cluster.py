@@ -18,9 +18,9 @@ from harness.layout import RunDir, StageDir
 from harness.slurm import recorded_jobs
 
 
-def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts: list[str]) -> dict:
+def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts: list[str], transitions: str = "swap") -> dict:
     plan = make_plan(name, phases, port=port, procs=1)
-    plan["cluster"].update({"launcher": launcher, "nodes": 2})
+    plan["cluster"].update({"launcher": launcher, "nodes": 2, "transitions": transitions})
     if launcher == "pdsh":
         plan["cluster"]["hosts"] = hosts
     plan["slurm"] = {"time": "00:15:00", "preempt_grace_s": 30}
@@ -54,7 +54,7 @@ def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
 
 def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_path):
     env = local_cluster.env()
-    plan = two_node_plan("chain", "slurm", 29720, two_stages(), local_cluster.hosts)
+    plan = two_node_plan("chain", "slurm", 29720, two_stages(), local_cluster.hosts, transitions="relaunch")
     out = tmp_path / "run"
     harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
     first, second = submitted_jobs(out)
@@ -71,6 +71,8 @@ def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_pat
 
 
 def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_path):
+    """Both stages share one launch, so one job (swap); USR1 during the first stage: the ranks
+    checkpoint, the job requeues itself, and the rerun resumes the stage and runs the next one."""
     env = local_cluster.env()
     steps = 300
     # keep_checkpoints: every tag stays, so the preemption's own checkpoint can be seen afterwards.
@@ -78,29 +80,32 @@ def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_pat
     plan = two_node_plan("preempt", "slurm", 29730, [long_phase, finetune_phase("next", steps=4)], local_cluster.hosts)
     out = tmp_path / "run"
     harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
-    first, second = submitted_jobs(out)
+    (job,) = submitted_jobs(out)
+    assert recorded_jobs(RunDir(out))[0].stages == [0, 1], "one job for the launch both stages share"
     stage = out / "phases" / "00-long"
     wait_for(lambda: (stage / "checkpoints" / "latest").exists(), 240, "a first checkpoint")
-    scancel("--signal=USR1", "--batch", first, env=env)
+    scancel("--signal=USR1", "--batch", job, env=env)
 
-    assert wait_job(first, 300, env=env) == "COMPLETED"
-    assert job_field(first, "Restarts", env=env) == "1"
-    assert wait_job(second, 240, env=env) == "COMPLETED"
-    assert job_field(second, "StartTime", env=env) >= job_field(first, "EndTime", env=env)
-    log = next((out / "slurm").glob("00-long-*.out")).read_text()
+    assert wait_job(job, 300, env=env) == "COMPLETED"
+    assert job_field(job, "Restarts", env=env) == "1"
+    log = next((out / "slurm").glob("00-01-*.out")).read_text()
     assert "[sbatch] requeue" in log and "exit code 75" in log
     long, after = manifests(out)
     assert long["stage_steps"] == steps and after["global_step_end"] == steps + 4
+    assert after["start_weights_digest"] == long["weights_digest"]
     assert [r["stage_step"] for r in metric_rows(stage)] == list(range(1, steps + 1)), "no step lost or repeated"
     tags = sorted(int(p.name.removeprefix("step")) for p in (stage / "checkpoints").glob("step*"))
     assert any(t % 10 for t in tags), "the preemption saved a checkpoint off the regular interval"
+    status = harness("status", out, check=True, env=env).stdout
+    assert status.count("COMPLETED") == 2, "status shows the job's state on both its stages"
 
 
 def test_failing_stage_cancels_its_dependants_and_status_says_so(local_cluster, tmp_path):
     env = {**local_cluster.env(), "HARNESS_FAULT": "sft:step2:1"}  # rank 1 of the first job's stage dies (sbatch passes the environment)
     phases = [finetune_phase("sft", steps=3), pretrain_phase("later", steps=3)]
     out = tmp_path / "run"
-    harness("submit", write_plan(tmp_path, two_node_plan("fails", "slurm", 29740, phases, local_cluster.hosts)), "--out", out, check=True, env=env)
+    plan = two_node_plan("fails", "slurm", 29740, phases, local_cluster.hosts, transitions="relaunch")
+    harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
     first, second = submitted_jobs(out)
     assert wait_job(first, 240, env=env) == "FAILED"
     assert wait_job(second, 60, env=env) == "CANCELLED"

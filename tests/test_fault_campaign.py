@@ -217,13 +217,19 @@ def test_the_campaign_reaches_every_point_of_every_stage_on_every_rank():
 
 # ---- a rank killed between the manifest and its exit -----------------------------------------
 
+def launches_of(stage: StageDir) -> int:
+    """How many launches ran the stage: each writes a "[harness] <date> <argv>" header into its log."""
+    return len(re.findall(r"^\[harness\] \d{4}-\d\d-\d\d ", stage.launcher_log.read_text(), re.M)) if stage.launcher_log.exists() else 0
+
+
 def test_rank_killed_after_the_manifest_leaves_a_done_stage_and_the_run_goes_on(reference: Reference, tmp_path: Path):
     plan_path, out = write_plan(tmp_path, campaign_plan(29780)), tmp_path / "run"
     run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", plan_path, "--out", out], cwd=REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HARNESS_FAULT": "pre:manifest:1"})
     try:
-        # Stage 1's launch log is opened after the run-level metrics were rebuilt for stage 0.
-        wait_for(lambda: stage_dir(out, 1).launcher_log.exists() or run.poll() is not None, 300, "stage 1's launch")
+        # Stage 1's second launch (its log's second header) starts after the run-level metrics were
+        # rebuilt for the failed launch: the ranks shared one launch, and the kill ended it.
+        wait_for(lambda: launches_of(stage_dir(out, 1)) >= 2 or run.poll() is not None, 300, "stage 1's own launch")
         during_stage1 = step_keys(read_json_lines(out / "metrics.jsonl"))
         stdout, stderr = run.communicate(timeout=300)
     finally:
@@ -233,6 +239,7 @@ def test_rank_killed_after_the_manifest_leaves_a_done_stage_and_the_run_goes_on(
     assert exited and int(exited.group(1)) != 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
     assert run.returncode == 0, stderr[-3000:]
     assert "stage 01 sft: finetune" in stdout and "all 2 stage(s) done" in stdout, "stage 1 ran in the same `harness run`"
+    assert launches_of(stage_dir(out, 1)) == 2, "the launch both stages shared ended with the kill; stage 1 ran in a new one"
     assert {("pre", step) for step in range(1, STEPS + 1)} <= set(during_stage1), \
         "stage 0's rows are in the run-level metrics.jsonl although its launcher failed"
     assert Manifest.read(stage_dir(out, 0).manifest).resumes == [], "stage 0 was not run again"

@@ -7,7 +7,6 @@ pre (ZeRO-3, fp32 files in several shards, a checkpoint every step, keep 2)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +22,8 @@ SHARD_BYTES = 100_000  # tiny-llama's fp32 weights are about 0.6 MB: several fil
 
 
 def digest(named: list[tuple[str, torch.Tensor]]) -> str:
-    """The manifest's weight digest, computed independently: sha256 over name, shape, fp32 bytes."""
-    h = hashlib.sha256()
+    """The manifest's weight digest, computed independently: xxh3-128 over name, shape, fp32 bytes."""
+    h = xxhash.xxh3_128()
     for name, tensor in sorted(named, key=lambda item: item[0]):
         t = tensor.detach().float().contiguous()
         h.update(f"{name}:{tuple(t.shape)}".encode())

@@ -1,4 +1,4 @@
-"""Entry point of every rank: `python -m harness.worker --stage <stage.json>`."""
+"""Entry point of every rank: `python -m harness.worker --stage <stage.json> [--stage <next stage.json> ...]`."""
 import argparse
 import json
 import os
@@ -36,14 +36,15 @@ def _load_secrets() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.worker")
-    parser.add_argument("--stage", type=Path, required=True, help="the stage.json the orchestrator wrote")
+    parser.add_argument("--stage", type=Path, action="append", required=True,
+                        help="a stage.json the orchestrator wrote; several run one after the other in this launch")
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher")
     args = parser.parse_args()
     _map_slurm_env()
     _load_secrets()
-    from harness.worker.train import run_stage  # after the env is complete: importing deepspeed (and wandb) reads it
+    from harness.worker.train import run_launch  # after the env is complete: importing deepspeed (and wandb) reads it
 
-    run_stage(args.stage)
+    run_launch(args.stage)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,13 @@ class StartPoint:
         return LoadRecord(mode=self.mode, reason=self.reason, source=str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan"))
 
 
-def handoff_start(stage: Stage, previous: StageDir | None) -> StartPoint:
-    """How this stage takes over from the previous one (pure apart from reading its manifest)."""
+def handoff_start(stage: Stage, previous: StageDir | None, verify_files: bool = True) -> StartPoint:
+    """How this stage takes over from the previous one (pure apart from reading its manifest).
+    verify_files=False: the previous stage ran in this launch and checksummed its files as it
+    wrote them; they are not read back (the start weights are still checked against its digest)."""
     if previous is None:
         return StartPoint("init", "first stage: weights from the plan's model")
-    manifest = read_manifest(previous)
+    manifest = read_manifest(previous, verify_files)
     blocker = _full_state_blocker(stage, manifest)
     if blocker is None:
         return StartPoint("full_state", f"same optimizer ({stage.optimizer_type}), ZeRO family, world size, precision and offload: optimizer moments carried, fresh scheduler",
@@ -164,7 +166,7 @@ class Checkpointer:
         previous = start.previous
         if start.mode == "full_state":
             return previous.weights_digest
-        if self.stage.precision == "fp32":
+        if self.stage.precision in ("fp32", previous.handoff_dtype):  # no rounding: what the files hold, as digested when written
             return previous.handoff_weights_digest or previous.weights_digest
         digest = WeightsDigest()
         for name, saved in hf_weights(start.weights_dir):

@@ -1,10 +1,10 @@
 """What the launch side needs to explain a rank's death: its memory, and how it ended.
 
 - record_memory: at milestones (before the model, model built, engine initialized, each
-  checkpoint, the end) a rank writes its peak RSS (VmHWM) and current RSS to
+  checkpoint, the end) a rank writes its peak RSS (VmHWM, since the stage began) and current RSS to
   ranks/memory-rank<N>.json, so a rank the kernel's out-of-memory killer ends leaves its last
   known peak behind, and benchmarks and tests read where memory went.
-- watch_end: from then on ranks/end-rank<N>.txt records how the rank ended: 'exit' at a
+- watch_end: from then on ranks/end-rank<N>.txt records how the rank ended (in this stage): 'exit' at a
   normal interpreter exit (an exception included), the stack at SIGTERM (the launcher stops
   the other ranks that way when one fails) or at a fatal signal. SIGKILL cannot be caught:
   a rank that was watched and left the file empty was SIGKILLed.
@@ -37,21 +37,46 @@ def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any)
         milestones = MemoryRecord.read(path).milestones
     except InvalidRecord:
         milestones = {}
-    milestones[milestone] = {"peak_rss_bytes": peak, "rss_bytes": current, **fields}
+    milestones[milestone] = {"peak_rss_bytes": peak, "rss_bytes": current, "time": time.time(), **fields}
     path.parent.mkdir(parents=True, exist_ok=True)
     MemoryRecord(rank=rank, host=socket.gethostname(), pid=os.getpid(), milestone=milestone, time=time.time(), peak_rss_bytes=peak,
                  rss_bytes=current, host_memory_bytes=_host_memory_bytes(), milestones=milestones).write(path)
 
 
+_end_file: int | None = None
+"""The open ranks/end-rank<N>.txt of the stage this rank is in (None before the first)."""
+
+
 def watch_end(stage_dir: StageDir, rank: int) -> None:
-    """Record how this rank ends in ranks/end-rank<N>.txt (see the module docstring).
+    """Record how this rank ends in ranks/end-rank<N>.txt (see the module docstring). The next
+    stage of the same launch takes the watch over: the finished stage's file then says 'exit'.
     faulthandler writes from its C signal handler, so the stack is recorded even while the
     main thread waits inside a collective, where a Python handler would never run."""
+    global _end_file
+    if _end_file is not None:
+        record_exit()
+        atexit.unregister(record_exit)
+        os.close(_end_file)
     stage_dir.ranks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(stage_dir.rank_end(rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-    faulthandler.enable(file=fd, all_threads=False)
-    faulthandler.register(signal.SIGTERM, file=fd, all_threads=False, chain=True)  # chain: still terminates
-    atexit.register(os.write, fd, b"exit\n")
+    _end_file = os.open(stage_dir.rank_end(rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    faulthandler.enable(file=_end_file, all_threads=False)
+    faulthandler.register(signal.SIGTERM, file=_end_file, all_threads=False, chain=True)  # chain: still terminates
+    atexit.register(record_exit)
+
+
+def record_exit() -> None:
+    """'exit' in the watched stage's end file: the rank left it by itself (also called before
+    os._exit, which skips atexit)."""
+    os.write(_end_file, b"exit\n")
+
+
+def reset_peak() -> None:
+    """Start this process's peak RSS (VmHWM) again from its current RSS: the next stage of a launch
+    then records its own peak, not the largest of the stages before it (Linux; elsewhere a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _rss_bytes() -> tuple[int, int]:

@@ -6,7 +6,8 @@ the exit. The training loop never calls DeepSpeed directly.
 """
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as dist
 import torch
+import xxhash
 from deepspeed.utils import safe_get_full_fp32_param
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -132,19 +134,20 @@ class DeepSpeedStrategy:
         rank order; 'empty' before any step. Layout-dependent (flat ZeRO partitions), which is
         enough: moments are only carried between identical layouts."""
         base = self.base_optimizer
-        local = hashlib.sha256()
+        local = xxhash.xxh3_128()
         tensors = 0
-        for group in base.param_groups:
-            for param in group["params"]:
-                for key, value in sorted(base.state.get(param, {}).items()):
-                    if torch.is_tensor(value) and value.numel() > 1:
-                        local.update(key.encode())
-                        local.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-                        tensors += 1
+        # The state itself, in the order it was created, not through param_groups: ZeRO-3 empties
+        # a sub-group's "params" after stepping it (DeepSpeed 0.19.8 stage3._optimizer_step).
+        for state in base.state.values():
+            for key, value in sorted(state.items()):
+                if torch.is_tensor(value) and value.numel() > 1:
+                    local.update(key.encode())
+                    local.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+                    tensors += 1
         per_rank = self.all_gather_object((tensors, local.hexdigest()))
         if sum(count for count, _ in per_rank) == 0:
             return "empty"
-        return hashlib.sha256("".join(d for _, d in per_rank).encode()).hexdigest()
+        return xxhash.xxh3_128("".join(d for _, d in per_rank).encode()).hexdigest()
 
     # ---- small collectives ------------------------------------------------
     def all_reduce_sum(self, values: list[float | torch.Tensor]) -> list[float]:
@@ -171,25 +174,56 @@ class DeepSpeedStrategy:
     def barrier(self) -> None:
         dist.barrier()
 
-    def exit(self, code: int) -> None:
-        """Leave without interpreter teardown: about 1 in 6 two-rank ZeRO-3 CPU runs aborted
-        (exit 250) in teardown after finishing; a final barrier plus os._exit removed it."""
-        if code == 0:
-            dist.barrier()
-        os._exit(code)
+    def device_memory(self) -> dict[str, int]:
+        """GPU memory now and at its peak since the stage began (empty on CPU), for memory records."""
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_allocated_bytes": torch.cuda.memory_allocated(), "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
+
+    def close(self) -> None:
+        """Tear the engine down so the next stage of the launch can build its own: DeepSpeed's
+        hooks removed and buffers unpinned (engine.destroy frees no tensors by itself), and every
+        reference this object holds dropped; release_memory() then returns the memory."""
+        self.engine.destroy()
+        self.engine = None
+        self._hf_ds_config = None  # transformers' ZeRO-3 switch (a weak reference) goes with it
+
+
+def release_memory() -> None:
+    """Between two stages of a launch: free what the finished stage left (cycles between the
+    engine, its optimizer and the module need the collector), empty the accelerator's cache, and
+    give freed heap pages back to the system so RSS shows what is really held."""
+    gc.collect()
+    deepspeed.get_accelerator().empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def exit_launch(code: int) -> None:
+    """Leave without interpreter teardown: about 1 in 6 two-rank ZeRO-3 CPU runs aborted
+    (exit 250) in teardown after finishing; a final barrier plus os._exit removed it."""
+    if code == 0:
+        dist.barrier()
+    os._exit(code)
 
 
 class WeightsDigest:
-    """sha256 over names, shapes and fp32 bytes of tensors fed one by one in name order: the
-    manifest's weight digest, computed while the weights stream past."""
+    """xxh3-128 over names, shapes and fp32 bytes of tensors fed one by one in name order: the
+    manifest's weight digest, computed while the weights stream past. A check of integrity, not
+    of authenticity: xxh3 hashes 21 GB/s here against 1.5 GB/s for sha256, and every transition
+    digests the weights at both ends."""
 
     def __init__(self):
-        self._sha = hashlib.sha256()
+        self._hash = xxhash.xxh3_128()
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().float().cpu().contiguous()
-        self._sha.update(f"{name}:{tuple(tensor.shape)}".encode())
-        self._sha.update(tensor.numpy().data)
+        self._hash.update(f"{name}:{tuple(tensor.shape)}".encode())
+        self._hash.update(tensor.numpy().data)
 
     def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+        return self._hash.hexdigest()

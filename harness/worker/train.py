@@ -1,5 +1,5 @@
-"""One stage on one rank: set up, train, hand off. The loop reads top to bottom:
-step, log, eval, checkpoint, stop-if-asked.
+"""The stages of one launch on one rank, one after the other: set up, train, hand off, tear the
+engine down. The loop reads top to bottom: step, log, eval, checkpoint, stop-if-asked.
 
 SIGUSR1 (SLURM preemption or time limit) makes every rank finish the current
 step, save a checkpoint and exit with PREEMPTED; a rerun resumes there.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from harness.console import eval_summary, stage_line
 from harness.layout import RunDir, StageDir
 from harness.exit_codes import PREEMPTED
 from harness.stages import Stage
@@ -24,12 +25,12 @@ from harness.worker.evaluate import eval_metrics
 from harness.records import Progress, StageFile
 from harness.worker.faults import fault_point
 from harness.worker.handoff import Checkpointer, handoff_start, write_rank_file
-from harness.worker.memory import record_memory, watch_end
+from harness.worker.memory import record_exit, record_memory, reset_peak, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
 from harness.worker.model import build_model, build_tokenizer, parameter_storage
 from harness.worker.regularization import NoRegularizer, make_regularizer
-from harness.worker.strategy import DeepSpeedStrategy
+from harness.worker.strategy import DeepSpeedStrategy, exit_launch, release_memory
 
 
 class StopRequest:
@@ -49,24 +50,60 @@ class StopRequest:
         return self._signalled or bool(self._file and os.path.exists(self._file))
 
 
-def run_stage(stage_file: Path) -> None:
-    """Everything one rank does for one stage; ends the process (0, or PREEMPTED)."""
+class BarOutput:
+    """tqdm writes each refresh as '\r' + bar; this writes bar + '\r' instead, so every refresh is a
+    whole line to the launch side (processes._stream shows "[harness] ..." lines on the console)
+    and a warning printed next cannot end up inside it. The terminal shows the same."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write(text[1:] + "\r" if text.startswith("\r") else text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def run_launch(stage_files: list[Path]) -> None:
+    """Every stage of this launch, in order, on this rank; ends the process: 0 when every stage is
+    done, PREEMPTED when asked to stop. Between stages the engine is torn down and the next stage
+    builds its own from the handoff just written (the same contract as a relaunch)."""
+    stop = StopRequest()
+    previous_in_launch: StageDir | None = None
+    for stage_file in stage_files:
+        code = run_stage(stage_file, stop, previous_in_launch)
+        if code != 0:
+            record_exit()
+            exit_launch(code)
+        release_memory()
+        reset_peak()
+        previous_in_launch = StageDir(stage_file.parent)
+    record_exit()
+    exit_launch(0)
+
+
+def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir | None = None) -> int:
+    """Everything one rank does for one stage; returns 0, or PREEMPTED when stopped early.
+    previous_in_launch: the stage this launch ran just before (its handoff files were checksummed
+    as they were written, so they are not read back to be hashed again)."""
     spec = StageFile.read(stage_file)
     stage, resume = spec.stage, spec.resume
     stage_dir = StageDir(stage_file.parent)
     previous = StageDir(Path(spec.previous)) if spec.previous else None
     run = RunDir(Path(spec.run_dir))
-    stop = StopRequest()
 
     strategy = DeepSpeedStrategy(stage, json.loads(stage_dir.ds_config.read_text()))
     write_rank_file(stage_dir, strategy.rank)
     watch_end(stage_dir, strategy.rank)
-    if not strategy.is_rank0:
+    if strategy.is_rank0:
+        print(stage_line(stage, resume), flush=True)
+    else:
         _send_output_to(stage_dir.rank_log(strategy.rank))
 
-    start = handoff_start(stage, previous)
+    start = handoff_start(stage, previous, verify_files=previous is None or previous != previous_in_launch)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
-    record_memory(stage_dir, strategy.rank, "before_model")
+    record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
     # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
     # no need to read them. A consolidated resume builds the model from the tag's fp32 weights.
     if resume.mode == "consolidated":
@@ -90,17 +127,18 @@ def run_stage(stage_file: Path) -> None:
         raise
     if last_eval is None:
         metrics.close()
-        strategy.exit(PREEMPTED)
+        return PREEMPTED
     if not last_eval:  # resumed at its last step (the handoff was lost): evaluate what is handed over
         last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings.micro_batch, stage.settings.eval_batches)
     extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
-    record_memory(stage_dir, strategy.rank, "end")
+    record_memory(stage_dir, strategy.rank, "end", **strategy.device_memory())
     monitor.log_model(stage_dir.model)
     metrics.close()
     if strategy.is_rank0:
-        print(f"[harness] stage {stage.name} done: step {progress.global_step}, eval {last_eval}", flush=True)
-    strategy.exit(0)
+        print(f"[harness] stage {stage.index:02d} {stage.name} done: step {progress.global_step}; eval {eval_summary(last_eval)}", flush=True)
+    strategy.close()
+    return 0
 
 
 def load_sets(stage: Stage, tokenizer) -> dict[str, TokenizedSet]:
@@ -116,8 +154,8 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
     streams = {kind: SampleStream(data, s.seed) for kind, data in sets.items()}
     primary = _primary(stage)
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=stage.name, disable=not strategy.is_rank0,
-               file=sys.stdout, dynamic_ncols=False, ncols=110, mininterval=1.0)
+    bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=f"[harness] {stage.name}", disable=not strategy.is_rank0,
+               file=BarOutput(sys.stdout), dynamic_ncols=False, ncols=110, mininterval=1.0)
     while progress.stage_step < stage.steps:
         step = progress.stage_step + 1
         source = stage.data.source_at(step)
