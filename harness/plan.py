@@ -222,7 +222,7 @@ class RegularizationSpec(Strict):
     """Adds l2 * sum(w^2) to the loss (mode 'penalty'), or is the optimizer's weight_decay (mode 'weight_decay')."""
     l2_mode: Literal["penalty", "weight_decay"] = "penalty"
     include_1d: bool = False
-    """Also regularize biases and norm weights (1-D parameters); off by default."""
+    """Also regularize biases and norm weights (1-D parameters), by penalty or as weight decay; off by default."""
 
     @property
     def active(self) -> bool:

@@ -149,19 +149,19 @@ def _depth(p: ParamInfo, table: ParamTable) -> int:
 
 
 def _label(params: list[ParamInfo]) -> str:
-    """'embeddings, layers 0-1, norms, head': what a group holds, in model order."""
+    """'embeddings, layers 0-1, norms, head': what a group holds, in model order. A layer's norms
+    belong to the layer when the group holds the rest of it too, else they read as norms."""
+    whole = {p.layer for p in params if p.layer is not None and "norm" not in p.roles}
     parts: list[str] = []
-    layers: list[int] = []
     for p in params:
-        if p.layer is not None:
-            if p.layer not in layers:
-                layers.append(p.layer)
+        if p.layer in whole:
             part = "layers"
         else:
             part = next((name for role, name in (("head", "head"), ("embedding", "embeddings"), ("norm", "norms")) if role in p.roles), "other")
         if part not in parts:
             parts.append(part)
-    if layers:
+    if whole:
+        layers = sorted(whole)
         span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) \
             else "layers " + ",".join(map(str, layers))
         parts[parts.index("layers")] = span

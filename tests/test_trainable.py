@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 from transformers.initialization import no_init_weights
 
-from conftest import harness, make_plan, pretrain_phase, write_plan
+from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, harness, make_plan, pretrain_phase, write_plan
 from harness.load_mode import start_decision
 from harness.model_params import ParamTable, _table_of
-from harness.plan import OffloadSpec, TrainSettings
+from harness.plan import BUILTIN_CONFIGS, OffloadSpec, PlanError, TrainSettings, parse_plan
+from harness.stages import expand_stages
 from harness.records import HandoffSide
 from harness.trainable import resolve, selected
 
@@ -158,3 +159,46 @@ def test_bad_selectors_exit_2_before_anything_is_written(tmp_path, trainable, sa
     assert result.returncode == 2, result.stderr
     assert says in result.stderr
     assert not out.exists()
+
+
+# ---- stages: the trainable set travels with the stage -------------------------------------
+
+def tiny_llama_table() -> ParamTable:
+    from harness.plan import ModelSpec
+    from harness.worker.model import architecture, byte_tokenizer
+
+    return table_of(architecture(ModelSpec(builtin="tiny-llama"), byte_tokenizer()))
+
+
+def multistep(*stages: dict) -> dict:
+    data = {"pretrain": {"files": [str(PRETRAIN_TEXT)]}, "finetune": {"files": [str(FINETUNE_JSONL)]}}
+    return {"name": "ms", "kind": "multistep", "data": data, "stages": list(stages)}
+
+
+def test_a_multistep_stage_names_its_own_selector_field():
+    plan = parse_plan(make_plan("t", [multistep({"steps": 2}, {"steps": 2, "trainable": {"train": ["head", "*.attention.*"]}})], port=29500), REPO)
+    with pytest.raises(PlanError) as error:
+        expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table)
+    assert [p[0] for p in error.value.problems] == ["phases[0].stages[1].trainable.train[1]"]
+
+
+def test_wandb_config_holds_the_trainable_set_and_each_groups_lr():
+    from harness.worker.monitor import run_config
+
+    stage = {"steps": 2, "optimizer": {"type": "AdamW", "lr": 1e-3}, "trainable": {"train": ["head", "layers[-1:]"], "lr_scale": {"head": 0.1}}}
+    plan = parse_plan(make_plan("t", [multistep({"steps": 2}, stage)], port=29500), REPO)
+    untouched, chosen = expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table)
+    assert untouched.trainable is None, "a stage with the default trains everything, resolved without the model"
+    config = run_config(chosen, {})["trainable"]
+    assert config["spec"]["train"] == ["head", "layers[-1:]"]
+    assert [(g["label"], g["lr"]) for g in config["groups"]] == [("layer 1", 1e-3), ("head", pytest.approx(1e-4))]
+    assert config["trainable_params"] == sum(g["params"] for g in config["groups"]) and "lm_head.weight" in config["groups"][1]["names"]
+
+
+def test_plan_shows_what_each_stage_trains_its_lr_groups_and_load_mode(tmp_path):
+    result = harness("plan", REPO / "plans" / "parts.yaml", "--out", tmp_path / "run", check=True)
+    rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│")}
+    assert rows["refine.c1.s1-upper-sgd"][9:12] == ["62,976 (50.1%)", "1: 0.1", "weights_only"]
+    assert rows["refine.c1.s3-all-adamw"][9:12] == ["125,632 (100.0%)", "3: 0.00064..0.002", "weights_only"]
+    assert "stage 02 refine.c1.s2-lower-momentum: load weights_only: trainable set changed (62,976 -> 62,784 parameters" in result.stdout
+    assert "  lr group embeddings: 16,576 params, lr 0.00064 (x0.32)" in result.stdout
