@@ -161,6 +161,10 @@ class DeepSpeedStrategy:
         none: its module weight, gathered under ZeRO-3). Collective under ZeRO-1..3: every rank
         runs it to the end and gets every value; no rank ever holds more than one full tensor."""
         params = dict(self.module.named_parameters())
+        if self.frozen_names and self.stage.settings.zero_stage == 3:
+            # Parameters the last forward prefetched are still in flight, and gathering one asserts
+            # ("Cannot partition a param in flight", DeepSpeed 0.19.8): release them first.
+            self.engine.empty_partition_cache()
         for name in sorted(params if names is None else names):
             param = params[name]
             if hasattr(param, "ds_id") and not param.requires_grad:
