@@ -23,7 +23,7 @@ def side_of_stage(stage: Stage) -> HandoffSide:
     """A stage as the plan resolves it."""
     s, chosen = stage.settings, stage.trainable
     return HandoffSide(optimizer=stage.optimizer_type, zero_stage=s.zero_stage, world_size=stage.world_size, dtype=stage.precision,
-                       offload=s.offload, trainable=chosen.layout() if chosen else "all",
+                       offload=s.offload, trained=chosen.trained() if chosen else "all", trainable=chosen.layout() if chosen else "all",
                        trainable_params=chosen.trainable_params if chosen and chosen.frozen else None)
 
 
@@ -32,7 +32,7 @@ def side_of_manifest(manifest: Manifest) -> HandoffSide:
     record = manifest.trainable
     partial = record is not None and record.share < 1
     return HandoffSide(optimizer=manifest.optimizer, zero_stage=manifest.zero_stage, world_size=manifest.world_size, dtype=manifest.dtype,
-                       offload=manifest.offload, trainable=record.layout if record else "all",
+                       offload=manifest.offload, trained=record.trained if record else "all", trainable=record.layout if record else "all",
                        trainable_params=record.trainable_params if partial else None)
 
 
@@ -60,11 +60,10 @@ def _full_state_blocker(before: HandoffSide, now: HandoffSide) -> str | None:
     for what, (old, new) in wanted.items():
         if old != new:
             return f"{what} changed ({old} -> {new})"
+    if before.trained != now.trained:
+        return f"trainable set changed ({_count(before)} -> {_count(now)} parameters; moments exist only for trained ones)"
     if before.trainable != now.trainable:
-        old, new = (_count(side) for side in (before, now))
-        if old != new:
-            return f"trainable set changed ({old} -> {new} parameters; moments exist only for trained ones)"
-        return f"trainable groups changed (same parameters ({new}) in other lr groups; moments are kept per group)"
+        return f"trainable groups changed (the same parameters ({_count(now)}) in other lr groups; moments are kept per group)"
     return None
 
 

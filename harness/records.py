@@ -179,6 +179,8 @@ class HandoffSide(Record):
     world_size: int
     dtype: str
     offload: OffloadSpec
+    trained: str
+    """Which parameters train (TrainableSet.trained): 'all', or a digest of their names."""
     trainable: str
     """The trainable layout (TrainableSet.layout): 'all', or a digest of which parameters train in which groups."""
     trainable_params: int | None
@@ -288,8 +290,9 @@ class TrainableRecord(Record):
     trainable_params: int
     total_params: int
     share: float
+    trained: str
     layout: str
-    """TrainableSet.layout: what the next stage compares to carry optimizer moments."""
+    """TrainableSet.trained and .layout: what the next stage compares to carry optimizer moments."""
     groups: list[GroupRecord]
     frozen_digest_start: str
     frozen_digest_end: str
@@ -301,10 +304,10 @@ def trainable_record(stage: Stage, total_params: int, frozen_digests: tuple[str,
     spec, chosen = stage.settings.trainable, stage.trainable
     if chosen is None:
         groups = [GroupRecord(label="all", lr_scale=1.0, lr=stage.settings.optimizer.lr, params=total_params)]
-        counts = {"trainable_params": total_params, "share": 1.0, "layout": "all"}
+        counts = {"trainable_params": total_params, "share": 1.0, "trained": "all", "layout": "all"}
     else:
         groups = [GroupRecord(label=g.label, lr_scale=g.lr_scale, lr=g.lr, params=g.params) for g in chosen.groups]
-        counts = {"trainable_params": chosen.trainable_params, "share": chosen.share, "layout": chosen.layout()}
+        counts = {"trainable_params": chosen.trainable_params, "share": chosen.share, "trained": chosen.trained(), "layout": chosen.layout()}
     return TrainableRecord(train=spec.train, freeze=spec.freeze, lr_scale=spec.lr_scale, layer_decay=spec.layer_decay, total_params=total_params,
                            groups=groups, frozen_digest_start=frozen_digests[0], frozen_digest_end=frozen_digests[1], **counts)
 

@@ -49,18 +49,18 @@ class TrainableSet(Strict):
     def share(self) -> float:
         return self.trainable_params / self.total_params
 
+    def trained(self) -> str:
+        """Which parameters train, whatever their groups: 'all', or a digest of their names."""
+        if not self.frozen:
+            return "all"
+        return hashlib.sha256(",".join(sorted(n for g in self.groups for n in g.names)).encode()).hexdigest()[:16]
+
     def layout(self) -> str:
         """What optimizer moments depend on: which parameters train, grouped how (not the lrs).
         'all' for every parameter in one group, the default."""
         if len(self.groups) == 1 and not self.frozen:
             return "all"
         return hashlib.sha256("|".join(",".join(g.names) for g in self.groups).encode()).hexdigest()[:16]
-
-    def summary(self) -> dict[str, Any]:
-        """The record of the manifest and W&B config: patterns, counts, groups with their lrs."""
-        return {"train": self.spec.train, "freeze": self.spec.freeze, "lr_scale": self.spec.lr_scale, "layer_decay": self.spec.layer_decay,
-                "trainable_params": self.trainable_params, "total_params": self.total_params, "share": self.share,
-                "layout": self.layout(), "groups": [{"label": g.label, "lr_scale": g.lr_scale, "lr": g.lr, "params": g.params} for g in self.groups]}
 
 
 def needs_resolving(settings: TrainSettings) -> bool:

@@ -111,7 +111,7 @@ def test_selector_problems_name_the_field_and_real_names(tables, trainable, fiel
 # ---- the load-mode rule -------------------------------------------------------------------
 
 def side(**changes) -> HandoffSide:
-    base = dict(optimizer="AdamW", zero_stage=2, world_size=2, dtype="fp32", offload=OffloadSpec(), trainable="all", trainable_params=None)
+    base = dict(optimizer="AdamW", zero_stage=2, world_size=2, dtype="fp32", offload=OffloadSpec(), trained="all", trainable="all", trainable_params=None)
     return HandoffSide(**{**base, **changes})
 
 
@@ -123,7 +123,7 @@ def test_moments_carry_when_nothing_they_depend_on_changed():
     decision = start_decision(side(zero_stage=1), side(zero_stage=2))
     assert decision.mode == "full_state" and "trainable set" in decision.reason
     assert decision.previous == side(zero_stage=1), "the worker checks the previous manifest against this"
-    partial = side(trainable="3f2a", trainable_params=1000)
+    partial = side(trained="9c01", trainable="3f2a", trainable_params=1000)
     assert start_decision(partial, partial).mode == "full_state"
 
 
@@ -133,10 +133,15 @@ def test_moments_carry_when_nothing_they_depend_on_changed():
     (side(), side(world_size=1), "world size changed (2 -> 1)"),
     (side(), side(dtype="bf16"), "precision changed (fp32 -> bf16)"),
     (side(), side(offload=OffloadSpec(optimizer=True)), "offload changed"),
-    (side(), side(trainable="3f2a", trainable_params=1000), "trainable set changed (all -> 1,000 parameters"),
-    (side(trainable="3f2a", trainable_params=1000), side(trainable="77b1", trainable_params=2000), "trainable set changed (1,000 -> 2,000 parameters"),
-    (side(trainable="3f2a", trainable_params=1000), side(trainable="77b1", trainable_params=1000), "trainable groups changed (same parameters (1,000)"),
-    (side(), side(trainable="77b1"), "trainable groups changed (same parameters (all)"),
+    (side(), side(trained="9c01", trainable="3f2a", trainable_params=1000), "trainable set changed (all -> 1,000 parameters"),
+    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="5e7d", trainable="77b1", trainable_params=2000),
+     "trainable set changed (1,000 -> 2,000 parameters"),
+    # Other parameters of the same size (tied-size embeddings and head, say) are another set all the same.
+    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="5e7d", trainable="77b1", trainable_params=1000),
+     "trainable set changed (1,000 -> 1,000 parameters"),
+    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="9c01", trainable="77b1", trainable_params=1000),
+     "trainable groups changed (the same parameters (1,000) in other lr groups"),
+    (side(), side(trainable="77b1"), "trainable groups changed (the same parameters (all) in other lr groups"),
 ])
 def test_anything_else_starts_from_the_weights_with_the_reason(before, now, reason):
     decision = start_decision(before, now)
