@@ -17,7 +17,7 @@ from typing import Any
 from harness.model_params import ParamInfo, ParamTable
 from harness.plan import LAYER_RANGE, RegularizationSpec, Strict, TrainableSpec, TrainSettings
 
-NAMES_SHOWN = 8  # real parameter names listed in a "matches nothing" problem
+NAMES_SHOWN = 16  # real parameter names listed in a "matches nothing" problem
 
 
 class ParamGroup(Strict):
