@@ -193,19 +193,35 @@ def _print_stages(setup) -> None:
 
     launch_of = {stage.index: n for n, group in enumerate(launch_groups(setup.stages, set(setup.resumes)), 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
-    for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "starts"):
+    for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "trains",
+                   "lr groups", "load", "starts"):
         table.add_column(column)
     for st in setup.stages:
         s = st.settings
         table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(s.zero_stage), st.precision,
-                      st.optimizer_type, str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", _start_of(setup, st))
-    Console(width=200).print(table)
+                      st.optimizer_type, str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", *_trains(st),
+                      setup.starts[st.index].mode, _start_of(setup, st))
+    Console(width=220).print(table)
+    for stage in setup.stages:
+        print(f"stage {stage.index:02d} {stage.name}: load {setup.starts[stage.index].mode}: {setup.starts[stage.index].reason}")
+        for group in stage.trainable.groups if stage.trainable else ():
+            print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
     for stage in setup.stages:
         resume = setup.resumes.get(stage.index)
         if resume is not None and (resume.mode != "fresh" or resume.set_aside):
             print(f"stage {stage.index:02d} {stage.name}: {resume.tag or 'from its start'} ({resume.mode}): {resume.reason}")
             for damaged in resume.set_aside:
                 print(f"  damaged, set aside at launch: {damaged}")
+
+
+def _trains(stage) -> tuple[str, str]:
+    """(trained parameters and share, lr groups: how many, lowest..highest peak lr) of a stage."""
+    chosen = stage.trainable
+    if chosen is None:
+        return "all (100%)", f"1: {stage.settings.optimizer.lr:.3g}"
+    lrs = sorted(g.lr for g in chosen.groups)
+    span = f"{lrs[0]:.3g}" if lrs[0] == lrs[-1] else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
+    return f"{chosen.trainable_params:,} ({chosen.share:.1%})", f"{len(lrs)}: {span}"
 
 
 def _start_of(setup, stage) -> str:

@@ -226,7 +226,7 @@ class RegularizationSpec(Strict):
     """Adds l2 * sum(w^2) to the loss (mode 'penalty'), or is the optimizer's weight_decay (mode 'weight_decay')."""
     l2_mode: Literal["penalty", "weight_decay"] = "penalty"
     include_1d: bool = False
-    """Also regularize biases and norm weights (1-D parameters); off by default."""
+    """Also regularize biases and norm weights (1-D parameters), by penalty or as weight decay; off by default."""
 
     @property
     def active(self) -> bool:
@@ -292,6 +292,64 @@ class MultistepData(Strict):
     """'alternate': steps alternate pretrain/finetune; or ratios, e.g. {pretrain: 0.7, finetune: 0.3}."""
 
 
+# A selector of parameters: a shortcut, a layer range, a regex, or a glob (see TrainableSpec).
+SELECTOR_SHORTCUTS = ("all", "embeddings", "head", "norms")
+LAYER_RANGE = re.compile(r"layers\[(-?\d*)(:(-?\d*))?\]")
+
+
+def _check_selector(selector: str) -> str:
+    """A selector whose syntax is valid (whether it matches parameters is checked with the model)."""
+    if selector.startswith("re:"):
+        try:
+            re.compile(selector[3:])
+        except re.error as error:
+            raise ValueError(f"a valid regular expression after 're:' ({error})") from None
+    elif selector.startswith("layers[") and ((match := LAYER_RANGE.fullmatch(selector)) is None or match[2] is None and not match[1]):
+        raise ValueError("a layer range like layers[:2] (first 2), layers[-2:] (last 2), layers[1:3] or layers[0]")
+    elif not selector.strip():
+        raise ValueError("a non-empty selector")
+    return selector
+
+
+Selector = Annotated[str, AfterValidator(_check_selector)]
+
+
+class TrainableSpec(Strict):
+    """Which parameters a phase (or a multistep stage) trains, and at what learning rate; every
+    other parameter is frozen for it (out of the optimizer, unchanged, no penalty). A selector is
+    one of: `all`; `embeddings` (token and position embeddings); `head` (the output head; on a model
+    with tied embeddings it is the shared matrix); `norms` (every normalization layer); `layers[a:b]`
+    (decoder layers by index, Python slice: layers[:2] first 2, layers[-2:] last 2, layers[3]);
+    `re:<regex>` (matched against the whole parameter name); anything else is a glob on the
+    parameter name (`*.mlp.*`). Shortcuts are found from the model itself (its embedding modules,
+    output embeddings, norm classes, decoder layer list), so they work for Llama, Qwen2, GPT-2 and
+    similar families. A selector that matches no parameter is a plan error that lists real names."""
+
+    train: list[Selector] = ["all"]
+    """Parameters that train: the union of these selectors."""
+    freeze: list[Selector] = []
+    """Parameters taken out of `train` again (e.g. train [all], freeze [embeddings])."""
+    lr_scale: dict[Selector, float] = {}
+    """Learning-rate multiplier per selector, e.g. {embeddings: 0.1}; a parameter may match one entry
+    at most. The stage's scheduler scales every group alike."""
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise lr decay: decoder layer k (1..L, from the bottom) trains at lr x layer_decay^(L-k),
+    the embeddings at lr x layer_decay^L, the head and final norm at lr. Multiplies lr_scale."""
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in scales.items() if not v > 0}
+        if bad:
+            raise ValueError(f"multipliers > 0 (freeze a part with `freeze:` instead); got {bad}")
+        return scales
+
+    @property
+    def is_default(self) -> bool:
+        """Every parameter trains, in one group at the stage's lr."""
+        return self == TrainableSpec()
+
+
 class TrainSettings(Strict):
     """Settings a phase (and a multistep stage) may set; unset ones come from defaults."""
 
@@ -331,6 +389,9 @@ class TrainSettings(Strict):
     """Override cluster.nodes for this phase (world size may change between phases)."""
     procs_per_node: int | None = Field(None, ge=1)
     """Override cluster.procs_per_node for this phase."""
+    # ---- what trains (issue 10) ----
+    trainable: TrainableSpec = TrainableSpec()
+    """Which parameters train and their learning-rate groups (see TrainableSpec); default: all, one group."""
     deepspeed: dict[str, Any] = {}
     """Raw DeepSpeed config merged last over the generated one, or the path of a DeepSpeed JSON file
     (relative to the plan; read at load), e.g. LLaMA-Factory's or axolotl's ds_z3_config.json.

@@ -171,6 +171,33 @@ class ResumePoint(Record):
     """Damaged tags moved to checkpoints/damaged/ before the launch (nothing is deleted)."""
 
 
+class HandoffSide(Record):
+    """What decides whether optimizer moments pass from one stage to the next (harness/load_mode.py)."""
+
+    optimizer: str
+    zero_stage: int
+    world_size: int
+    dtype: str
+    offload: OffloadSpec
+    trained: str
+    """Which parameters train (TrainableSet.trained): 'all', or a digest of their names."""
+    trainable: str
+    """The trainable layout (TrainableSet.layout): 'all', or a digest of which parameters train in which groups."""
+    trainable_params: int | None
+    """Trained elements; None: every parameter."""
+
+
+class StartDecision(Record):
+    """How a stage takes over from the previous one, decided on the launch side (load_mode.py)."""
+
+    mode: Literal["init", "full_state", "weights_only"]
+    """init: the plan's model; full_state: the previous DeepSpeed checkpoint, optimizer moments
+    included; weights_only: the previous Hugging Face model, fresh optimizer."""
+    reason: str
+    previous: HandoffSide | None = None
+    """The previous stage as the decision saw it: the worker checks that its manifest says the same."""
+
+
 class StageFile(Record):
     """stage.json: everything a rank needs to run its stage."""
 
@@ -178,6 +205,7 @@ class StageFile(Record):
     previous: str | None
     """The previous stage's folder (its manifest and handoff), None for the first stage."""
     run_dir: str
+    start: StartDecision
     resume: ResumePoint = ResumePoint(mode="fresh", reason="no checkpoint of its own")
 
 
@@ -241,6 +269,49 @@ class MemoryRecord(Record):
     milestones: dict[str, dict[str, Any]]
 
 
+class GroupRecord(Record):
+    """One optimizer parameter group as it trained."""
+
+    label: str
+    lr_scale: float
+    lr: float
+    """Peak lr: the optimizer's lr x lr_scale (the schedule scales it)."""
+    params: int
+
+
+class TrainableRecord(Record):
+    """What a stage trained: its selectors, how many elements in which lr groups, and the digest of
+    its frozen weights at the start and at the end (the worker checks they are equal)."""
+
+    train: list[str]
+    freeze: list[str]
+    lr_scale: dict[str, float]
+    layer_decay: float
+    trainable_params: int
+    total_params: int
+    share: float
+    trained: str
+    layout: str
+    """TrainableSet.trained and .layout: what the next stage compares to carry optimizer moments."""
+    groups: list[GroupRecord]
+    frozen_digest_start: str
+    frozen_digest_end: str
+    """Digest of the frozen parameters ('none' when nothing is frozen), gathered from the engine."""
+
+
+def trainable_record(stage: Stage, total_params: int, frozen_digests: tuple[str, str]) -> TrainableRecord:
+    """The manifest's trainable record of a stage (total_params: the model's, counted on the engine)."""
+    spec, chosen = stage.settings.trainable, stage.trainable
+    if chosen is None:
+        groups = [GroupRecord(label="all", lr_scale=1.0, lr=stage.settings.optimizer.lr, params=total_params)]
+        counts = {"trainable_params": total_params, "share": 1.0, "trained": "all", "layout": "all"}
+    else:
+        groups = [GroupRecord(label=g.label, lr_scale=g.lr_scale, lr=g.lr, params=g.params) for g in chosen.groups]
+        counts = {"trainable_params": chosen.trainable_params, "share": chosen.share, "trained": chosen.trained(), "layout": chosen.layout()}
+    return TrainableRecord(train=spec.train, freeze=spec.freeze, lr_scale=spec.lr_scale, layer_decay=spec.layer_decay, total_params=total_params,
+                           groups=groups, frozen_digest_start=frozen_digests[0], frozen_digest_end=frozen_digests[1], **counts)
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -278,6 +349,8 @@ class Manifest(Record):
     finished: float
     wandb_run_id: str | None
     regularization: dict[str, Any]
+    trainable: TrainableRecord | None = None
+    """None: a manifest written without one (every parameter trained, one group)."""
 
 
 class SlurmJob(Record):

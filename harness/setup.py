@@ -6,6 +6,7 @@ stage.json, ds_config.json and command.txt. Never imports torch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +19,9 @@ from harness.ds_config import check_ds_config, deepspeed_block_problems, get_tra
 from harness.hosts import hostfile_path, local_gpu_count
 from harness.launch import deepspeed_binary, launcher_command, shell_quote
 from harness.layout import RunDir, StageDir
-from harness.records import ResumePoint, StageFile, is_done, older_format
+from harness.load_mode import side_of_manifest, side_of_stage, start_decision
+from harness.model_params import read_param_table
+from harness.records import ResumePoint, StageFile, StartDecision, is_done, older_format, read_manifest
 from harness.resume import ds_config_for, resume_point
 from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.processes import first_port
@@ -37,6 +40,8 @@ class RunSetup:
     run: RunDir
     resumes: dict[int, ResumePoint]
     """Unfinished stages (by index): how each continues from its own checkpoints."""
+    starts: dict[int, StartDecision]
+    """Every stage (by index): how it takes over from the previous one (harness/load_mode.py)."""
 
     def unfinished(self) -> list[Stage]:
         return [stage for stage in self.stages if stage.index in self.resumes]
@@ -68,7 +73,9 @@ def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dic
     plan = load_plan(plan_path)
     accelerator = detect_accelerator(plan.cluster.accelerator)
     local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
-    stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus)
+    # The model's parameter names, read (in a child process) only if some stage's trainable set needs them.
+    model_params = functools.cache(lambda: read_param_table(plan.model))
+    stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params)
     configs = [get_train_ds_config(stage) for stage in stages]
     problems, sound = [], []
     for stage, config, where in zip(stages, configs, stage_fields(plan)):
@@ -110,7 +117,22 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
     _check_same_version(run)
     # How each unfinished stage continues; a stage that cannot raises PlanError here.
     resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in stages if not is_done(run.stage(stage.index, stage.name))}
-    return RunSetup(plan_text, plan, stages, configs, run, resumes)
+    return RunSetup(plan_text, plan, stages, configs, run, resumes, start_decisions(stages, run, resumes))
+
+
+def start_decisions(stages: list[Stage], run: RunDir, resumes: dict[int, ResumePoint]) -> dict[int, StartDecision]:
+    """How each stage takes over from the previous one: from what the previous stage's manifest
+    records when it is done (it may have run under an earlier plan), else from the plan."""
+    decisions = {}
+    for before, stage in zip([None, *stages], stages):
+        if before is None:
+            previous = None
+        elif before.index in resumes:
+            previous = side_of_stage(before)
+        else:
+            previous = side_of_manifest(read_manifest(run.stage(before.index, before.name), verify_files=False))
+        decisions[stage.index] = start_decision(previous, side_of_stage(stage))
+    return decisions
 
 
 def _check_same_plan(run: RunDir, plan_text: str, force: bool) -> None:
@@ -147,7 +169,8 @@ def write_setup(setup: RunSetup) -> list[tuple[list[Stage], list[str]]]:
         resume = setup.resumes.get(stage.index)
         if resume is not None:
             stage_dir.root.mkdir(parents=True, exist_ok=True)
-            StageFile(stage=stage, previous=str(previous.root) if previous else None, run_dir=str(run.root), resume=resume).write(stage_dir.stage_json)
+            StageFile(stage=stage, previous=str(previous.root) if previous else None, run_dir=str(run.root), start=setup.starts[stage.index],
+                      resume=resume).write(stage_dir.stage_json)
             stage_dir.ds_config.write_text(json.dumps(ds_config_for(resume, config), indent=2, sort_keys=True) + "\n")
         previous = stage_dir
     launches = []

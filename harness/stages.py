@@ -26,6 +26,9 @@ from harness.plan import (
     TrainSettings,
     WandbSpec,
 )
+from harness import trainable
+from harness.model_params import ParamTable
+from harness.trainable import TrainableSet
 
 
 class StageData(Strict):
@@ -96,6 +99,9 @@ class Stage(Strict):
     precision: Literal["fp32", "bf16", "fp16"]
     settings: TrainSettings
     data: StageData
+    trainable: TrainableSet | None = None
+    """The parameters it trains, in optimizer groups (harness/trainable.py); None: every parameter,
+    one group at the optimizer's lr (the default, resolved without reading the model)."""
 
     @property
     def world_size(self) -> int:
@@ -107,14 +113,16 @@ class Stage(Strict):
 
 
 RowCounter = Callable[[DataSpec], int]
+ParamLister = Callable[[], ParamTable]
 
 
 def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter, model_config: dict[str, Any],
-                  local_gpus: int | None = None) -> list[Stage]:
+                  local_gpus: int | None = None, model_params: ParamLister | None = None) -> list[Stage]:
     """Every stage of the plan, in order (model_config: the model's config.json; local_gpus: the GPUs
-    of this machine, which a local launch on cuda must not exceed, None when unknown or irrelevant).
+    of this machine, which a local launch on cuda must not exceed, None when unknown or irrelevant;
+    model_params: the model's parameters, asked for only when a stage's trainable set needs them).
     Raises PlanError naming the field on a rule that needs the resolved numbers (batch split, rows,
-    device support)."""
+    device support, trainable selectors)."""
     stages: list[Stage] = []
     problems: list[tuple[str, Any, str]] = []
     shape = model_shape(model_config)
@@ -123,10 +131,12 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
         phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
             try:
-                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows, shape, local_gpus))
+                phase_stages.append(_resolve(plan, phase, len(stages) + len(phase_stages), name, settings, data, accelerator, count_train_rows, shape,
+                                             local_gpus, model_params))
             except _StageProblem as problem:
-                path = problem.field if problem.field.startswith("cluster.") else f"phases[{i}]{where}.{problem.field}"
-                problems.append((path, problem.value, problem.allowed))
+                for field, value, allowed in problem.problems:
+                    path = field if field.startswith("cluster.") else f"phases[{i}]{where}.{field}"
+                    problems.append((path, value, allowed))
         stages += _with_phase_offsets(phase_stages)
     if problems:
         raise PlanError(problems)
@@ -183,10 +193,11 @@ def _optimizer_label(settings: TrainSettings) -> str:
 
 
 class _StageProblem(Exception):
-    """A rule a stage breaks; field is relative to the stage's block of the plan, or 'cluster.<name>'."""
+    """Rules a stage breaks, as (field, value, allowed); field is relative to the stage's block of the
+    plan, or 'cluster.<name>'."""
 
-    def __init__(self, field: str, value: Any, allowed: str):
-        self.field, self.value, self.allowed = field, value, allowed
+    def __init__(self, field: str, value: Any, allowed: str, *more: tuple[str, Any, str]):
+        self.problems = [(field, value, allowed), *more]
 
 
 def _resolve(
@@ -200,6 +211,7 @@ def _resolve(
     count_train_rows: RowCounter,
     shape: ModelShape | None,
     local_gpus: int | None,
+    model_params: ParamLister | None,
 ) -> Stage:
     nodes = settings.nodes or plan.cluster.nodes
     procs = settings.procs_per_node or plan.cluster.procs_per_node
@@ -231,6 +243,13 @@ def _resolve(
         raise _StageProblem("global_batch", global_batch, f"at most {train_rows}, the training rows of the fine-tune data "
                             "(its rows less the eval hold-out): give more rows or a smaller global_batch")
     steps = _steps(settings, global_batch, data, train_rows)
+    trainable_set = None
+    if trainable.needs_resolving(settings):
+        if model_params is None:
+            raise _StageProblem("trainable", settings.trainable.model_dump(), "the default (every parameter) here: no parameter list was given")
+        trainable_set, trainable_problems = trainable.resolve(settings, model_params())
+        if trainable_problems:
+            raise _StageProblem(*trainable_problems[0], *trainable_problems[1:])
     return Stage(
         index=index,
         name=name,
@@ -253,6 +272,7 @@ def _resolve(
         precision=precision,
         settings=settings,
         data=data,
+        trainable=trainable_set,
     )
 
 

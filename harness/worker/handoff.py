@@ -1,15 +1,15 @@
 """Checkpoints within a stage and the handoff between stages.
 
-Start of a stage, one of:
+Start of a stage, one of (each decided on the launch side, carried out here):
 - resume:       this stage's own newest intact checkpoint (interrupted earlier), loaded as
-                the launch side decided (harness/resume.py: native, universal, consolidated);
+                harness/resume.py decided (native, universal, consolidated);
 - full_state:   the previous stage's DeepSpeed checkpoint, optimizer moments included,
-                when optimizer type, ZeRO family, world size, precision and offload match;
+                when harness/load_mode.py found nothing that moments depend on changed;
 - weights_only: the previous stage's consolidated Hugging Face model;
 - init:         the plan's model (first stage).
-Native checkpoints do not load across ZeRO-1/2 <-> ZeRO-3 or another world size
-(DeepSpeed 0.19.8), hence the rule. Whatever the mode, the weights the stage starts
-from are digested and compared with the digest the previous stage saved.
+The previous stage's manifest must say what the decision saw. Whatever the mode, the weights
+the stage starts from are digested and compared with the digest the previous stage saved,
+and the frozen parameters' digest at the start is kept to check they are unchanged at the end.
 
 End of a stage, in this order (see DESIGN.md): DeepSpeed checkpoint, Hugging Face
 model, manifest.json written last and atomically (records.Manifest). A checkpoint counts once
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from harness.layout import CHECKPOINT_COMPLETE, StageDir
-from harness.records import (CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord, StartRecord,
-                             engine_settings, file_check, folder_checks, read_manifest)
-from harness.resume import zero_family
+from harness.load_mode import side_of_manifest
+from harness.records import (CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord, StartDecision, StartRecord,
+                             TrainableRecord, engine_settings, file_check, folder_checks, read_manifest, trainable_record)
 from harness.stages import Stage
 from harness.worker.faults import fault_point
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
@@ -52,7 +52,8 @@ def handoff_dtype(stage: Stage) -> str:
 
 @dataclass
 class StartPoint:
-    """Where a stage's weights (and maybe optimizer state) come from."""
+    """Where a stage's weights (and maybe optimizer state) come from: the launch side's decision
+    with the previous stage's folders and manifest."""
 
     mode: str
     reason: str
@@ -67,33 +68,20 @@ class StartPoint:
         return LoadRecord(mode=self.mode, reason=self.reason, source=str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan"))
 
 
-def handoff_start(stage: Stage, previous: StageDir | None, verify_files: bool = True) -> StartPoint:
-    """How this stage takes over from the previous one (pure apart from reading its manifest).
+def start_point(stage: Stage, decision: StartDecision, previous: StageDir | None, verify_files: bool = True) -> StartPoint:
+    """What the launch side's decision loads, once the previous stage's manifest is found to record
+    what the decision saw (it is read again here: the stage may have run after stage.json was written).
     verify_files=False: the previous stage ran in this launch and checksummed its files as it
     wrote them; they are not read back (the start weights are still checked against its digest)."""
-    if previous is None:
-        return StartPoint("init", "first stage: weights from the plan's model")
+    if decision.mode == "init":
+        return StartPoint(decision.mode, decision.reason)
     manifest = read_manifest(previous, verify_files)
-    blocker = _full_state_blocker(stage, manifest)
-    if blocker is None:
-        return StartPoint("full_state", f"same optimizer ({stage.optimizer_type}), ZeRO family, world size, precision and offload: optimizer moments carried, fresh scheduler",
-                          previous.model, (previous.checkpoints, manifest.checkpoint_tag), manifest)
-    return StartPoint("weights_only", blocker, previous.model, None, manifest)
-
-
-def _full_state_blocker(stage: Stage, manifest: Manifest) -> str | None:
-    s = stage.settings
-    wanted = {
-        "optimizer": (manifest.optimizer, stage.optimizer_type),
-        "ZeRO family": (zero_family(manifest.zero_stage), zero_family(s.zero_stage)),
-        "world size": (manifest.world_size, stage.world_size),
-        "precision": (manifest.dtype, stage.precision),
-        "offload": (manifest.offload.model_dump(), s.offload.model_dump()),
-    }
-    for what, (before, now) in wanted.items():
-        if before != now:
-            return f"{what} changed ({before} -> {now}): weights only, fresh optimizer state"
-    return None
+    found = side_of_manifest(manifest)
+    if found != decision.previous:
+        raise RuntimeError(f"stage {stage.name}: {previous.manifest} records {found.model_dump()}, but {decision.mode} was decided for "
+                           f"{decision.previous.model_dump()}: run `harness run` (or `plan`) again so that the launch side decides anew")
+    checkpoint = (previous.checkpoints, manifest.checkpoint_tag) if decision.mode == "full_state" else None
+    return StartPoint(decision.mode, decision.reason, previous.model, checkpoint, manifest)
 
 
 class Checkpointer:
@@ -108,9 +96,21 @@ class Checkpointer:
         """After initialize: continue from the stage's own checkpoint as `resume` says (decided
         on the launch side), or load what the start point names and check its weights against
         the previous stage's digest. Rank 0 writes started.json the first time and appends each
-        resume to it, so the original handoff record is kept."""
-        if resume.mode != "fresh":
-            return self._resume(resume)
+        resume to it, so the original handoff record is kept. Collective."""
+        progress = self._resume(resume) if resume.mode != "fresh" else self._start(start)
+        self._frozen_at_start = self.strategy.frozen_digest()
+        return progress
+
+    def trainable_record(self) -> TrainableRecord:
+        """The manifest's record of what trained; raises if a frozen parameter changed. Collective."""
+        frozen_now = self.strategy.frozen_digest()
+        if frozen_now != self._frozen_at_start:
+            raise RuntimeError(f"stage {self.stage.name}: frozen parameters changed during the stage "
+                               f"(digest {self._frozen_at_start[:12]} -> {frozen_now[:12]})")
+        return trainable_record(self.stage, self.strategy.total_params(), (self._frozen_at_start, frozen_now))
+
+    def _start(self, start: StartPoint) -> Progress:
+        """The stage's first start: load what the start point names and check the weights."""
         if start.checkpoint is not None:
             self.strategy.load_checkpoint(*start.checkpoint, with_scheduler=False)
         progress = Progress()

@@ -1,4 +1,4 @@
-"""L1 and L2 penalties on the weights: loss += l1 * sum|w| + l2 * sum w^2.
+"""L1 and L2 penalties on the trained weights: loss += l1 * sum|w| + l2 * sum w^2 (frozen ones excluded).
 
 ZeRO 0-2 keep full weights on every rank, so the penalty is a plain term of the
 loss and autograd does the rest. Under ZeRO-3 each rank holds one shard of
@@ -47,8 +47,8 @@ class Regularizer(NoRegularizer):
         self.l2 = spec.l2 if spec.l2_mode == "penalty" else 0.0
         self.strategy = strategy
         self.sharded = strategy.stage.settings.zero_stage == 3
-        # Biases and norm weights (1-D) are left alone unless asked.
-        self.params = [p for p in strategy.module.parameters() if spec.include_1d or len(_full_shape(p)) >= 2]
+        # Frozen parameters are left alone, and so are biases and norm weights (1-D) unless asked.
+        self.params = [p for p in strategy.module.parameters() if p.requires_grad and (spec.include_1d or len(_full_shape(p)) >= 2)]
         self._sums = (torch.zeros(()), torch.zeros(()))
         """sum|w| and sum w^2 of the last step: device tensors, read only when logged."""
 

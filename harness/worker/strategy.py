@@ -34,6 +34,8 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"stage {stage.name} expects {stage.world_size} ranks, the launcher started {self.world_size}")
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.engine: Any = None
+        self.frozen_names: list[str] = []
+        """Parameters this stage does not train (set by setup)."""
         # While this object lives, transformers builds and loads models under deepspeed.zero.Init for
         # a ZeRO-3 config: partitioned as created, a checkpoint loaded parameter by parameter, so no
         # rank holds the whole model. transformers keeps only a weak reference: hold it for the stage.
@@ -45,12 +47,45 @@ class DeepSpeedStrategy:
 
     # ---- engine lifecycle -------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
-        self.engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
-        if scheduler is not None:
-            # DeepSpeed 0.19.8 schedulers built at iteration -1 set lr 0 ("before it has started"),
-            # so the first step would be wasted; one built at an offset sets no lr at all. Apply
-            # the lr of the first position now: step k of a stage uses the schedule at k-1.
-            scheduler.step(scheduler.last_batch_iteration + 1)
+        """deepspeed.initialize with the stage's parameter groups (stage.trainable): every other
+        parameter is frozen (requires_grad False), so no ZeRO stage gives it gradients, optimizer
+        state or a master copy. Each group trains at the scheduled lr x its lr_scale."""
+        groups = self._param_groups(model)
+        self.engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        if scheduler is None:
+            _scale_lrs(optimizer.param_groups)
+            return
+        # Every group starts at the config's lr, so DeepSpeed's schedulers (0.19.8) write the same
+        # scheduled lr into each (WarmupLR, OneCycle: from their own min/max; WarmupCosineLR: from
+        # each group's lr at construction); each group's multiplier is applied after every step.
+        step = scheduler.step
+
+        def step_then_scale(*args, **kwargs):
+            step(*args, **kwargs)
+            _scale_lrs(scheduler.optimizer.param_groups)
+
+        scheduler.step = step_then_scale
+        # DeepSpeed 0.19.8 schedulers built at iteration -1 set lr 0 ("before it has started"),
+        # so the first step would be wasted; one built at an offset sets no lr at all. Apply
+        # the lr of the first position now: step k of a stage uses the schedule at k-1.
+        scheduler.step(scheduler.last_batch_iteration + 1)
+
+    def _param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups by name, as the launch side resolved them; freezes the rest."""
+        chosen = self.stage.trainable
+        params = dict(model.named_parameters())
+        if chosen is None:
+            return [{"params": list(params.values()), "lr_scale": 1.0}]
+        listed = {name for group in chosen.groups for name in group.names} | set(chosen.frozen)
+        if listed != set(params):
+            raise RuntimeError(f"stage {self.stage.name}: the model's parameters differ from those the plan resolved: "
+                               f"not in the model {sorted(listed - set(params))[:5]}, not in the plan {sorted(set(params) - listed)[:5]}")
+        for name in chosen.frozen:
+            params[name].requires_grad_(False)
+        self.frozen_names = list(chosen.frozen)
+        no_decay = {"weight_decay": 0.0}
+        return [{"params": [params[name] for name in group.names], "lr_scale": group.lr_scale, **({} if group.decay else no_decay)}
+                for group in chosen.groups]
 
     def advance_schedule(self, steps: int) -> None:
         """Move the lr schedule on by `steps` optimizer steps (a resume with a fresh optimizer)."""
@@ -88,7 +123,9 @@ class DeepSpeedStrategy:
         return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
 
     def current_lr(self) -> float:
-        return self.engine.get_lr()[0]
+        """The scheduled lr (a group's is this x its lr_scale)."""
+        group = self.engine.optimizer.param_groups[0]
+        return group["lr"] / group["lr_scale"]
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
@@ -120,14 +157,37 @@ class DeepSpeedStrategy:
         """name -> full shape of every parameter (ZeRO-3 parameters are empty outside forward)."""
         return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
 
-    def full_fp32_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full fp32 weight on CPU) one parameter at a time, in name order, from the
-        optimizer's fp32 master copy where one exists. Collective under ZeRO-1..3: every rank
+    def full_fp32_params(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full fp32 weight on CPU) one parameter at a time (all, or those named), in name
+        order, from the optimizer's fp32 master copy where one exists (a frozen parameter has
+        none: its module weight, gathered under ZeRO-3). Collective under ZeRO-1..3: every rank
         runs it to the end and gets every value; no rank ever holds more than one full tensor."""
         params = dict(self.module.named_parameters())
-        for name in sorted(params):
-            full = safe_get_full_fp32_param(params[name])
-            yield name, (params[name] if full is None else full).detach().float().cpu()
+        if self.frozen_names and self.stage.settings.zero_stage == 3:
+            # Parameters the last forward prefetched are still in flight, and gathering one asserts
+            # ("Cannot partition a param in flight", DeepSpeed 0.19.8): release them first.
+            self.engine.empty_partition_cache()
+        for name in sorted(params if names is None else names):
+            param = params[name]
+            if hasattr(param, "ds_id") and not param.requires_grad:
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.detach().float().cpu().clone()
+            else:
+                full = safe_get_full_fp32_param(param)
+            yield name, (param if full is None else full).detach().float().cpu()
+
+    def frozen_digest(self) -> str:
+        """Digest of the frozen parameters' full values, 'none' when every parameter trains. Collective."""
+        if not self.frozen_names:
+            return "none"
+        digest = WeightsDigest()
+        for name, weight in self.full_fp32_params(self.frozen_names):
+            digest.update(name, weight)
+        return digest.hexdigest()
+
+    def total_params(self) -> int:
+        """Elements of every parameter (ZeRO-3's ds_numel is the full size of a partitioned one)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
 
     def optimizer_state_digest(self) -> str:
         """Digest of every rank's optimizer state tensors (Adam moments, SGD momentum, ...), in
@@ -209,6 +269,12 @@ def exit_launch(code: int) -> None:
     if code == 0:
         dist.barrier()
     os._exit(code)
+
+
+def _scale_lrs(groups: list[dict[str, Any]]) -> None:
+    """Each group's lr x its multiplier (the scheduler, or the config, set the same lr in every group)."""
+    for group in groups:
+        group["lr"] = group["lr"] * group["lr_scale"]
 
 
 class WeightsDigest:

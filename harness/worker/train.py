@@ -24,7 +24,7 @@ from harness.worker.data import SampleStream, TokenizedSet, micro_batch_position
 from harness.worker.evaluate import eval_metrics
 from harness.records import Progress, StageFile
 from harness.worker.faults import fault_point
-from harness.worker.handoff import Checkpointer, handoff_start, write_rank_file
+from harness.worker.handoff import Checkpointer, start_point, write_rank_file
 from harness.worker.memory import record_exit, record_memory, reset_peak, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
@@ -101,7 +101,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
     else:
         _send_output_to(stage_dir.rank_log(strategy.rank))
 
-    start = handoff_start(stage, previous, verify_files=previous is None or previous != previous_in_launch)
+    start = start_point(stage, spec.start, previous, verify_files=previous is None or previous != previous_in_launch)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
     record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
     # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
@@ -130,7 +130,8 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
         return PREEMPTED
     if not last_eval:  # resumed at its last step (the handoff was lost): evaluate what is handed over
         last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings.micro_batch, stage.settings.eval_batches)
-    extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values()}
+    extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values(),
+             "trainable": checkpointer.trainable_record()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
     record_memory(stage_dir, strategy.rank, "end", **strategy.device_memory())
     monitor.log_model(stage_dir.model)
