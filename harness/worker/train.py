@@ -27,7 +27,7 @@ from harness.worker.handoff import Checkpointer, handoff_start, write_rank_file
 from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.model import build_model, build_tokenizer, parameter_storage
+from harness.worker.model import build_model, build_tokenizer, parameter_storage, prepare_for_data
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -74,6 +74,7 @@ def run_stage(stage_file: Path) -> None:
     else:
         from_checkpoint = start.checkpoint is not None or resume.mode != "fresh"
         model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
+    prepare_for_data(model, tokenizer, stage)
     record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
     sets = load_sets(stage, tokenizer)
     strategy.setup(model)
