@@ -141,7 +141,10 @@ def count_rows(spec: DataSpec) -> int:
             continue
         with data_check.OPENERS.get(os.path.splitext(file)[1], open)(file, "rt") as f:
             if fmt == "json" and data_check.is_json_array(file):
-                rows += len(json.load(f))
+                try:
+                    rows += len(json.load(f))
+                except json.JSONDecodeError as error:  # past the sample data_check read
+                    raise PlanError([(file, "not valid JSON", f"a JSON array of row objects ({error.msg} at line {error.lineno} column {error.colno})")]) from None
             else:
                 rows += sum(1 for line in f if line.strip())
     return rows
