@@ -216,11 +216,14 @@ class SampleStream:
             self._epoch_orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.data.n_train)}
         return self._epoch_orders[epoch]
 
-    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
-        """Samples at global positions start .. start+count-1 (crossing epochs as needed)."""
+    def samples_at(self, start: int, count: int) -> np.ndarray:
+        """Sample indices (fine-tune: store rows) at global positions start .. start+count-1 (crossing epochs as needed)."""
         n = self.data.n_train
-        idx = np.array([self._order(p // n)[p % n] for p in range(start, start + count)])
-        return {k: torch.from_numpy(v) for k, v in self.data.samples.arrays(self.data.train_indices[idx]).items()}
+        return self.data.train_indices[np.array([self._order(p // n)[p % n] for p in range(start, start + count)])]
+
+    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """The samples at global positions start .. start+count-1, in the training layout."""
+        return {k: torch.from_numpy(v) for k, v in self.data.samples.arrays(self.samples_at(start, count)).items()}
 
 
 def micro_batch_position(step_start: int, micro: int, accum_index: int, rank: int, world: int) -> int:
