@@ -49,9 +49,9 @@ def file_problem(path: str, spec, kind: str) -> str | None:
     except UnicodeDecodeError as error:
         return f"UTF-8 text (line {_line_of(data, error.start)} is not: {error.reason} at byte {error.start})"
     if fmt == "text":
-        missing = [column for column in formats.required_columns(spec, kind) if column != TEXT_COLUMN]
         if kind == "finetune" and formats.uses_template(spec):
             return f"rows of shape {spec.rows!r} (a text file has one column, {TEXT_COLUMN!r}: use json or parquet files)"
+        missing = [column for column in formats.required_columns(spec, kind) if column != TEXT_COLUMN]
         return f"a column {missing[0]!r} (a text file has one, {TEXT_COLUMN!r}: use json or parquet files)" if missing else None
     rows = _json_array_rows(text, whole) if text.lstrip().startswith("[") else _json_lines_rows(text)
     if isinstance(rows, str):
