@@ -13,9 +13,8 @@ response + end-of-sequence, or a conversation rendered with a chat template (har
 where every assistant turn has loss. The key covers everything that shapes the tokens (the input
 files with their size and modification time, the row shape and its columns, the tokenizer's files
 and chat template) and nothing that only cuts, orders or lays out rows (seq_len, seed, packing):
-every stage, rerun and run on the
-same data shares one store. A store is built in a folder of its own and renamed into place
-when complete, so a half-built store is never used.
+every stage, rerun and run on the same data shares one store. A store is built in a folder of
+its own and renamed into place when complete, so a half-built store is never used.
 
 This module is the launch side (no torch, no numpy): keys, what a plan needs, building
 missing stores in a child process (`python -m harness.store_builder`) before a stage

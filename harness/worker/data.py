@@ -1,8 +1,9 @@
 """Data for a stage, read from token stores that the launch side built (harness/token_store.py):
 pretrain text packed into fixed-length blocks, fine-tune rows with loss only on response tokens
 (the store's loss mask: responses, every assistant turn of a chat), padded one row per sequence
-or packed (`packing: true`) end to end into one sequence per micro batch, a held-out split, and a sample stream addressed by position so a resumed (or next)
-stage continues where the last one stopped. Ranks read only the rows of their batches, so a
+or packed (`packing: true`) end to end into one sequence per micro batch, a held-out split, and
+a sample stream addressed by position so a resumed (or next) stage continues where the last one
+stopped. Ranks read only the rows of their batches, so a
 rank's memory does not grow with the corpus.
 
 Order is deterministic from the seed: epoch e visits the training samples in
