@@ -59,7 +59,8 @@ def test_every_row_shape_trains_and_is_evaluated(run):
 
 def test_packed_stage_starts_with_the_loss_of_the_same_rows_padded(run):
     """Step 1 of the packed chat stage: every rank's micro batch of 4 rows, one sequence each; its
-    train/loss is the mean of the ranks' losses, which the padded rows give on the weights the stage started from."""
+    train/loss is the mean of the ranks' losses, which the padded rows give on the weights the stage started from
+    (measured: equal to 6e-8 relative; attention across rows would move it by about 6e-5)."""
     request = StoreRequest(kind="finetune", data=DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), tokenizer="bytes",
                            cache_dir=TOKEN_CACHE, where="data")
     data = open_set(request, 128, SEED, byte_tokenizer().pad_token_id)
@@ -74,7 +75,7 @@ def test_packed_stage_starts_with_the_loss_of_the_same_rows_padded(run):
         with torch.no_grad():
             losses.append(start(**{k: torch.from_numpy(v) for k, v in data.samples.padded(rows).items()}).loss.item())
     first = metric_rows(stage_dir(run, "chat"))[0]
-    assert first["stage_step"] == 1 and first["train/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert first["stage_step"] == 1 and first["train/loss"] == pytest.approx(np.mean(losses), rel=1e-6)
     real_tokens = sum(min(len(data.samples.store.row(r)), 128) for r in stream.samples_at(0, 3 * MICRO * RANKS))
     assert manifests(run)[-1]["tokens_seen"] == real_tokens, "3 steps of 8 rows, no padding counted"
 
