@@ -1,11 +1,13 @@
 """Does a data file read as the plan says? Checked on a bounded sample before anything is written.
 
 The token-store builder (harness/store_builder.py) reads every row later and stops at the first
-one it cannot use, without a line number. These checks run when the plan loads and name the file
-and line of the common mistakes: an empty file, a JSON line that does not parse, a row without
-the column the phase needs (or with no text in it). Only the first SAMPLE_LINES lines (at most
-SAMPLE_BYTES) of a text or JSON Lines file are read, through the decompressor of a .gz, .bz2 or
-.xz file, and only the metadata of a parquet file. Launch side: no torch, no datasets.
+one it cannot use, naming only its row number. These checks run when the plan loads and name the
+file and line of the common mistakes: an empty file, a JSON line that does not parse, a row without
+the column the phase needs (or with no text in it), a chat row with a role the template does not
+know or no assistant turn (harness/formats.py says what each row shape needs). Only the first
+SAMPLE_LINES rows (at most SAMPLE_BYTES) of a text, JSON Lines or JSON array file are read, through
+the decompressor of a .gz, .bz2 or .xz file, and of a parquet file its metadata (and, for alpaca
+and chat rows, its first rows). Launch side: no torch, no datasets.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import lzma
 import os
 import zlib
 
+from harness import formats
+
 SAMPLE_LINES = 1000
 SAMPLE_BYTES = 1 << 20  # and at most this much of each file: a line can be long
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -23,11 +27,12 @@ OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 TEXT_COLUMN = "text"
 
 
-def file_problem(path: str, fmt: str, columns: list[str]) -> str | None:
-    """What is wrong with one data file of a data set in format fmt ('text', 'json' or 'parquet')
-    whose rows need these columns; None when its sample reads well."""
+def file_problem(path: str, spec, kind: str) -> str | None:
+    """What is wrong with one data file of a data set (a DataSpec) whose rows are of this kind
+    ('pretrain' or 'finetune'); None when its sample reads well."""
+    fmt = spec.resolved_format()
     if fmt == "parquet":
-        return _parquet_problem(path, columns)
+        return _parquet_problem(path, spec, kind)
     suffix = os.path.splitext(path)[1]
     if suffix == ".zst":
         return None  # zstandard is not in the standard library; the builder reads it
@@ -39,42 +44,89 @@ def file_problem(path: str, fmt: str, columns: list[str]) -> str | None:
     whole = len(data) < SAMPLE_BYTES
     if whole and not data.strip():
         return "a file with rows (this one is empty)"
-    lines = data.split(b"\n") if whole else data.split(b"\n")[:-1]  # the last one may be cut
-    rows = []
-    for n, line in enumerate(lines[:SAMPLE_LINES], 1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return f"UTF-8 text (line {n} is not: {error.reason} at byte {error.start})"
-        if text.strip():
-            rows.append((n, text))
+    try:
+        text = data.decode("utf-8") if whole else data[: data.rfind(b"\n") + 1].decode("utf-8")  # the last line may be cut
+    except UnicodeDecodeError as error:
+        return f"UTF-8 text (line {_line_of(data, error.start)} is not: {error.reason} at byte {error.start})"
     if fmt == "text":
-        missing = [column for column in columns if column != TEXT_COLUMN]
+        if kind == "finetune" and formats.uses_template(spec):
+            return f"rows of shape {spec.rows!r} (a text file has one column, {TEXT_COLUMN!r}: use json or parquet files)"
+        missing = [column for column in formats.required_columns(spec, kind) if column != TEXT_COLUMN]
         return f"a column {missing[0]!r} (a text file has one, {TEXT_COLUMN!r}: use json or parquet files)" if missing else None
-    return _json_lines_problem(rows, columns)
+    rows = _json_array_rows(text, whole) if text.lstrip().startswith("[") else _json_lines_rows(text)
+    if isinstance(rows, str):
+        return rows
+    for where, row in rows:
+        problem = formats.row_problem(row, spec, kind)
+        if problem is not None:
+            return f"{problem.expected} ({where} {problem.found})"
+    return None
 
 
-def _json_lines_problem(rows: list[tuple[int, str]], columns: list[str]) -> str | None:
-    """JSON Lines: one object per line, each with text in every column the phase needs. A file
-    that opens with '[' or a lone '{' is one JSON document instead, which the builder reads whole."""
-    if not rows or rows[0][1].strip().startswith("[") or rows[0][1].strip() == "{":
-        return None
-    for n, line in rows:
+def is_json_array(path: str) -> bool:
+    """Whether a JSON file is one array of rows (as alpaca_data.json is) rather than JSON Lines."""
+    with OPENERS.get(os.path.splitext(path)[1], open)(path, "rb") as f:
+        return f.read(SAMPLE_BYTES).lstrip()[:1] == b"["
+
+
+def _json_lines_rows(text: str) -> list[tuple[str, dict]] | str:
+    """('line N', row) of the sample's JSON Lines, or what is wrong. A file that opens with a lone
+    '{' is one JSON document instead, which the builder reads whole: nothing to check here."""
+    lines = [(n, line) for n, line in enumerate(text.split("\n")[:SAMPLE_LINES], 1) if line.strip()]
+    if not lines or lines[0][1].strip() == "{":
+        return []
+    rows = []
+    for n, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             return f"JSON Lines, one object per line (line {n} is not valid JSON: {error.msg} at column {error.colno})"
         if not isinstance(row, dict):
             return f"JSON Lines, one object per line (line {n} holds a {type(row).__name__})"
-        for column in columns:
-            if column not in row:
-                return f"rows with a column {column!r} (line {n} has none; its columns: {sorted(row)})"
-            if not isinstance(row[column], str):
-                return f"text in column {column!r} (line {n} holds {row[column]!r})"
-    return None
+        rows.append((f"line {n}", row))
+    return rows
 
 
-def _parquet_problem(path: str, columns: list[str]) -> str | None:
+def _json_array_rows(text: str, whole: bool) -> list[tuple[str, dict]] | str:
+    """('row K (line N)', row) of the first rows of a JSON array, or what is wrong with them. When the
+    sample is only the start of the file, the row cut at its end is not a problem."""
+    decoder = json.JSONDecoder()
+    rows, at = [], text.index("[") + 1
+    while len(rows) < SAMPLE_LINES:
+        at = _skip_space(text, at)
+        if at < len(text) and text[at] == "]" and not rows:
+            return "a JSON array with rows (this one is empty)"
+        line = _line_of(text, at)
+        try:
+            row, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as error:
+            if not whole and (error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")):
+                break  # the sample ends inside this row
+            return f"a JSON array of row objects (row {len(rows) + 1} at line {line} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno})"
+        if not isinstance(row, dict):
+            return f"a JSON array of row objects (row {len(rows) + 1} at line {line} holds a {type(row).__name__})"
+        rows.append((f"row {len(rows) + 1} (line {line})", row))
+        at = _skip_space(text, at)
+        if at < len(text) and text[at] == "]":
+            break
+        if at < len(text) and text[at] != ",":
+            return f"a JSON array of row objects (a ',' or ']' after row {len(rows)}, line {_line_of(text, at)}, not {text[at]!r})"
+        at += 1
+    return rows
+
+
+def _line_of(text: str | bytes, at: int) -> int:
+    """The 1-based line of position `at`."""
+    return text.count("\n" if isinstance(text, str) else b"\n", 0, at) + 1
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
+
+
+def _parquet_problem(path: str, spec, kind: str) -> str | None:
     import pyarrow
     import pyarrow.parquet
 
@@ -85,10 +137,16 @@ def _parquet_problem(path: str, columns: list[str]) -> str | None:
     if parquet.metadata.num_rows == 0:
         return "a file with rows (this one has none)"
     schema = parquet.schema_arrow
-    for column in columns:
+    for column in formats.required_columns(spec, kind):
         if column not in schema.names:
             return f"a column {column!r} (its columns: {schema.names})"
-        kind = schema.field(column).type
-        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-            return f"text in column {column!r} (it holds {kind})"
+        column_type = schema.field(column).type
+        if not formats.uses_template(spec) and not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
+            return f"text in column {column!r} (it holds {column_type})"
+    if kind == "finetune" and formats.uses_template(spec):  # nested columns: read the first rows
+        batch = next(parquet.iter_batches(batch_size=SAMPLE_LINES), None)
+        for k, row in enumerate(batch.to_pylist() if batch is not None else [], 1):
+            problem = formats.row_problem(row, spec, kind)
+            if problem is not None:
+                return f"{problem.expected} (row {k} {problem.found})"
     return None

@@ -250,6 +250,31 @@ class DataSpec(Strict):
     """finetune: the column with the prompt."""
     response_field: str = "response"
     """finetune: the column with the response (the only tokens with loss)."""
+    # ---- fine-tune row shapes and packing (harness/formats.py renders the rows) ----
+    rows: Literal["prompt_response", "alpaca", "chat"] = "prompt_response"
+    """finetune: what a row holds. prompt_response: two text columns (prompt_field, response_field),
+    trained as prompt + response + end-of-sequence, no template. alpaca: instruction, optional input,
+    output, optional system and history. chat: a list of messages, {role, content} with roles
+    system/user/assistant, or sharegpt's {from, value} with human/gpt/system. alpaca and chat rows
+    are rendered with the tokenizer's chat template (the built-in one when it has none, saved with the
+    handoff model), with loss on every assistant turn and the end-of-turn token that closes it."""
+    instruction_field: str = "instruction"
+    """alpaca: the column with the instruction (the user turn)."""
+    input_field: str = "input"
+    """alpaca: the optional column with more context, appended to the instruction after a blank line."""
+    output_field: str = "output"
+    """alpaca: the column with the response (the assistant turn)."""
+    system_field: str = "system"
+    """alpaca: the optional column with a system prompt."""
+    history_field: str = "history"
+    """alpaca: the optional column with earlier turns, a list of [instruction, response] pairs (trained too)."""
+    messages_field: str | None = None
+    """chat: the column with the messages; unset: 'messages' or 'conversations' (sharegpt), whichever a row has."""
+    packing: bool = False
+    """finetune: lay the rows of each micro batch end to end in one sequence, without padding; each
+    row attends only to itself and its positions restart at 0 (flash attention's variable-length
+    path on GPU when flash-attn is installed, a block-diagonal mask otherwise). Rows per step, epochs
+    and the loss are unchanged; the compute padding took is gone (raise micro_batch to use it)."""
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     """Held-out share for evaluation (taken deterministically from the end after shuffling with the seed)."""
     eval_max_samples: int = Field(64, ge=1)
@@ -745,13 +770,12 @@ def _check_phase(i: int, phase: PhaseSpec, base_dir: Path) -> list[tuple[str, An
         if len(given) != 1:
             problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
     for where, kind, spec in _data_specs(phase):
-        columns = [spec.text_field] if kind == "pretrain" else [spec.prompt_field, spec.response_field]
         for k, pattern in enumerate(spec.files):
             files = expand_files([pattern], base_dir)
             if not files:
                 problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
             for file in files:
-                why = data_check.file_problem(file, spec.resolved_format(), columns)
+                why = data_check.file_problem(file, spec, kind)
                 if why is not None:
                     problems.append((f"phases[{i}].{where}.files[{k}]", file, why))
     return problems

@@ -4,14 +4,17 @@
       meta.json         StoreMeta: what was tokenized, with which tokenizer, how many rows and tokens
       tokens.bin        every token id, rows back to back (uint16 when the vocabulary fits, else uint32)
       offsets.bin       int64 [rows + 1]: row r is tokens[offsets[r]:offsets[r + 1]]
-      prompt_lens.bin   fine-tune only, int32 [rows]: the first prompt_lens[r] tokens of row r are its prompt
+      loss_mask.bin     fine-tune only, uint8 per token (aligned with tokens.bin): 0 no loss (prompt,
+                        system and user turns, template text), 1 a response's content, 2 the end of
+                        a response (end-of-sequence, or the chat template's end-of-turn marker)
 
 A pretrain row is one document followed by end-of-sequence; a fine-tune row is prompt +
-response + end-of-sequence. The key covers everything that shapes the tokens (the input
-files with their size and modification time, the columns, the tokenizer's files) and
-nothing that only cuts or orders rows (seq_len, seed): every stage, rerun and run on the
-same data shares one store. A store is built in a folder of its own and renamed into place
-when complete, so a half-built store is never used.
+response + end-of-sequence, or a conversation rendered with a chat template (harness/formats.py),
+where every assistant turn has loss. The key covers everything that shapes the tokens (the input
+files with their size and modification time, the row shape and its columns, the tokenizer's files
+and chat template) and nothing that only cuts, orders or lays out rows (seq_len, seed, packing):
+every stage, rerun and run on the same data shares one store. A store is built in a folder of
+its own and renamed into place when complete, so a half-built store is never used.
 
 This module is the launch side (no torch, no numpy): keys, what a plan needs, building
 missing stores in a child process (`python -m harness.store_builder`) before a stage
@@ -20,7 +23,6 @@ launches, so no distributed job waits on tokenization.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
 import os
@@ -31,17 +33,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from harness import data_check, formats
 from harness.plan import DataSpec, PlanError
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: loss_mask.bin replaced prompt_lens.bin (a format-1 store has another key)
 META = "meta.json"
 TOKENS = "tokens.bin"
 OFFSETS = "offsets.bin"
-PROMPT_LENS = "prompt_lens.bin"
+LOSS_MASK = "loss_mask.bin"
 BYTES_TOKENIZER_ID = "bytes-v1"  # change when harness.worker.model.byte_tokenizer changes
 # Every file that can change how a tokenizer folder tokenizes (plan.TOKENIZER_FILES: those that make one).
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                            "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+                            "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                            "chat_template.jinja", "chat_template.json")
 DATA_PROBLEM_EXIT = 2  # the builder's exit code for a problem in the data (missing column, unreachable hub set)
 
 
@@ -108,22 +112,39 @@ def _input_ids(spec: DataSpec) -> list:
 
 def store_key(kind: str, spec: DataSpec, tokenizer: str) -> str:
     """The store's folder name: '<kind>-<digest of inputs, columns, format and tokenizer>'."""
-    fields = [spec.text_field] if kind == "pretrain" else [spec.prompt_field, spec.response_field]
-    text = json.dumps([STORE_FORMAT, kind, _input_ids(spec), spec.resolved_format(), fields, tokenizer_id(tokenizer)])
+    text = json.dumps([STORE_FORMAT, kind, _input_ids(spec), spec.resolved_format(), _row_fields(kind, spec), tokenizer_id(tokenizer)])
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def _row_fields(kind: str, spec: DataSpec) -> list:
+    """What shapes a row's tokens besides the input: its columns, and for chat-rendered rows the
+    row shape and the built-in template (a tokenizer's own template is among its files)."""
+    if kind == "pretrain":
+        return [spec.text_field]
+    if not formats.uses_template(spec):
+        return [spec.prompt_field, spec.response_field]
+    columns = [spec.instruction_field, spec.input_field, spec.output_field, spec.system_field, spec.history_field] if spec.rows == "alpaca" else [spec.messages_field]
+    return [spec.rows, columns, hashlib.sha256(formats.BUILTIN_CHAT_TEMPLATE.encode()).hexdigest()[:16]]
+
+
 def count_rows(spec: DataSpec) -> int:
-    """Rows of a local data set, without tokenizing: parquet metadata, or non-empty lines."""
+    """Rows of a local data set, without tokenizing: parquet metadata, the length of a JSON array
+    (read whole, as the builder reads it), or non-empty lines."""
     rows = 0
     for file in spec.files:
-        if spec.resolved_format() == "parquet":
+        fmt = spec.resolved_format()
+        if fmt == "parquet":
             import pyarrow.parquet
 
             rows += pyarrow.parquet.ParquetFile(file).metadata.num_rows
-        else:
-            opener = gzip.open if file.endswith(".gz") else open
-            with opener(file, "rt") as f:
+            continue
+        with data_check.OPENERS.get(os.path.splitext(file)[1], open)(file, "rt") as f:
+            if fmt == "json" and data_check.is_json_array(file):
+                try:
+                    rows += len(json.load(f))
+                except json.JSONDecodeError as error:  # past the sample data_check read
+                    raise PlanError([(file, "not valid JSON", f"a JSON array of row objects ({error.msg} at line {error.lineno} column {error.colno})")]) from None
+            else:
                 rows += sum(1 for line in f if line.strip())
     return rows
 
@@ -154,7 +175,7 @@ def describe(request: StoreRequest) -> dict[str, str]:
     inputs = f"hub {spec.hub} [{spec.split}]" if spec.hub else f"{len(spec.files)} file(s), {_mb(sum(os.stat(f).st_size for f in spec.files))}"
     if (request.folder / META).is_file():
         meta = StoreMeta.read(request.folder)
-        size = meta.tokens * (2 if meta.dtype == "uint16" else 4) + 8 * (meta.rows + 1)
+        size = meta.tokens * (2 if meta.dtype == "uint16" else 4) + 8 * (meta.rows + 1) + (meta.tokens if meta.kind == "finetune" else 0)
         state = f"ready: {meta.rows:,} rows, {meta.tokens:,} tokens, {_mb(size)}"
     elif spec.hub:
         state = "to build"

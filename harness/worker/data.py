@@ -1,7 +1,9 @@
 """Data for a stage, read from token stores that the launch side built (harness/token_store.py):
-pretrain text packed into fixed-length blocks, fine-tune pairs with loss only on response
-tokens, a held-out split, and a sample stream addressed by position so a resumed (or next)
-stage continues where the last one stopped. Ranks read only the rows of their batches, so a
+pretrain text packed into fixed-length blocks, fine-tune rows with loss only on response tokens
+(the store's loss mask: responses, every assistant turn of a chat), padded one row per sequence
+or packed (`packing: true`) end to end into one sequence per micro batch, a held-out split, and
+a sample stream addressed by position so a resumed (or next) stage continues where the last one
+stopped. Ranks read only the rows of their batches, so a
 rank's memory does not grow with the corpus.
 
 Order is deterministic from the seed: epoch e visits the training samples in
@@ -22,13 +24,17 @@ import torch
 
 from harness.plan import DataSpec
 from harness.stages import eval_size
-from harness.token_store import OFFSETS, PROMPT_LENS, TOKENS, StoreMeta, StoreRequest
+from harness.token_store import LOSS_MASK, OFFSETS, STORE_FORMAT, TOKENS, StoreMeta, StoreRequest
 
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
+# DataSpec fields that change neither which rows a data position holds nor their order.
+LAYOUT_FIELDS = {"packing"}
+# DataSpec fields that came with the row shapes: a data stream's key counts them only when set.
+ROW_SHAPE_FIELDS = {"rows", "instruction_field", "input_field", "output_field", "system_field", "history_field", "messages_field"}
 
 
 def token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens of a batch; packed pretrain batches have no padding and no mask."""
+    """Real (non-padding) tokens of a batch; pretrain blocks and packed fine-tune rows have no padding and no mask."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
@@ -44,10 +50,13 @@ class TokenStore:
 
     def __init__(self, folder: Path):
         self.meta = StoreMeta.read(folder)
+        if self.meta.format != STORE_FORMAT:
+            raise RuntimeError(f"token store {folder} has format {self.meta.format}, this harness reads {STORE_FORMAT}; "
+                               f"delete it and the next run rebuilds it")
         self.kind = self.meta.kind
         self._tokens = self._open(folder / TOKENS, self.meta.dtype, self.meta.tokens)
         self._offsets = self._open(folder / OFFSETS, np.int64, self.meta.rows + 1)
-        self._prompt_lens = self._open(folder / PROMPT_LENS, np.int32, self.meta.rows) if self.kind == "finetune" else None
+        self._loss_mask = self._open(folder / LOSS_MASK, np.uint8, self.meta.tokens) if self.kind == "finetune" else None
 
     @staticmethod
     def _open(path: Path, dtype, count: int) -> tuple[int, np.dtype]:
@@ -71,8 +80,10 @@ class TokenStore:
         begin, end = self._read(self._offsets, r, 2)
         return self.span(int(begin), int(end - begin))
 
-    def prompt_len(self, r: int) -> int:
-        return int(self._read(self._prompt_lens, r, 1)[0])
+    def row_with_mask(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """A fine-tune row's tokens and their loss mask (0 none, 1 response, 2 end of a response)."""
+        begin, end = (int(x) for x in self._read(self._offsets, r, 2))
+        return self.span(begin, end - begin), self._read(self._loss_mask, begin, end - begin)
 
 
 class PretrainSamples:
@@ -90,32 +101,64 @@ class PretrainSamples:
         ids = np.stack([self.store.span(int(i) * self.seq_len, self.seq_len) for i in indices]).astype(np.int64)
         return {"input_ids": ids, "labels": ids}
 
+    def eval_arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return self.arrays(indices)
+
 
 class FinetuneSamples:
-    """Fine-tune samples: one row each, prompt + response + end-of-sequence cut to seq_len and
-    padded; labels only on the response tokens."""
+    """Fine-tune samples: one row each (prompt + response + end-of-sequence, or a rendered
+    conversation) cut to seq_len; labels where the store's loss mask is set. Padded to seq_len one
+    row per sequence, or with packing all rows of a batch end to end in one sequence of shape
+    (1, total): no padding, position_ids restarting at 0 per row (how transformers tells packed rows
+    apart: harness/worker/model.py prepare_for_data), no attention mask. A row's first token has no
+    label (unpacked, no token predicts it either), so the loss is the same either way."""
 
-    def __init__(self, store: TokenStore, seq_len: int, pad_id: int):
-        self.store, self.seq_len, self.pad_id = store, seq_len, pad_id
+    def __init__(self, store: TokenStore, seq_len: int, pad_id: int, packing: bool = False):
+        self.store, self.seq_len, self.pad_id, self.packing = store, seq_len, pad_id, packing
         self.count = store.meta.rows
 
+    def _row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and labels of row r, cut to seq_len."""
+        ids, mask = (a[: self.seq_len].astype(np.int64) for a in self.store.row_with_mask(r))
+        return ids, np.where(mask > 0, ids, IGNORE_INDEX)
+
     def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The training layout of these rows: packed or padded."""
+        return self.packed(indices) if self.packing else self.padded(indices)
+
+    def eval_arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Held-out rows, padded (evaluation slices them into batches of micro_batch rows)."""
+        return self.padded(indices)
+
+    def padded(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         n = len(indices)
         input_ids = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
         labels = np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64)
         mask = np.zeros((n, self.seq_len), dtype=np.int64)
         for i, r in enumerate(indices):
-            full = self.store.row(r)[: self.seq_len]
-            prompt = self.store.prompt_len(r)
-            input_ids[i, : len(full)] = full
-            mask[i, : len(full)] = 1
-            labels[i, prompt : len(full)] = full[prompt:]
+            ids, row_labels = self._row(r)
+            input_ids[i, : len(ids)] = ids
+            labels[i, : len(ids)] = row_labels
+            mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
+    def packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self._row(r) for r in indices]
+        for _, row_labels in rows:
+            row_labels[0] = IGNORE_INDEX  # else the previous row's last token would predict it
+        return {"input_ids": np.concatenate([ids for ids, _ in rows])[None],
+                "labels": np.concatenate([labels for _, labels in rows])[None],
+                "position_ids": np.concatenate([np.arange(len(ids)) for ids, _ in rows])[None]}
+
     def pair(self, r: int) -> tuple[list[int], list[int]]:
-        """(prompt ids, response ids without end-of-sequence) of row r."""
-        row, prompt = self.store.row(r).tolist(), self.store.prompt_len(r)
-        return row[:prompt], row[prompt:-1]
+        """(prompt ids, response ids) of row r for generation: the prompt is everything before its
+        last response (a chat: the conversation up to and with the generation prompt of its last
+        assistant turn), the response that response's content, without its end of turn."""
+        ids, mask = self.store.row_with_mask(r)
+        trained = np.flatnonzero(mask)
+        untrained_before = np.flatnonzero(mask[: trained[-1]] == 0)
+        start = int(untrained_before[-1]) + 1 if len(untrained_before) else 0
+        return ids[:start].tolist(), ids[start:][mask[start:] == 1].tolist()
 
 
 @dataclass
@@ -138,7 +181,8 @@ class TokenizedSet:
 
 def dataset_key(spec: DataSpec, kind: str, seq_len: int, seed: int) -> str:
     """Identity of a data stream: the same key means a later stage continues its position."""
-    text = json.dumps([spec.model_dump(mode="json"), kind, seq_len, seed], sort_keys=True)
+    unset = {name for name in ROW_SHAPE_FIELDS if getattr(spec, name) == DataSpec.model_fields[name].default}  # keys as before row shapes
+    text = json.dumps([spec.model_dump(mode="json", exclude=LAYOUT_FIELDS | unset), kind, seq_len, seed], sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -153,11 +197,11 @@ def open_set(request: StoreRequest, seq_len: int, seed: int, pad_id: int) -> Tok
     """The data set of a store built by the launch side, split with the seed."""
     store = TokenStore(request.folder)
     spec = request.data
-    samples = PretrainSamples(store, seq_len) if request.kind == "pretrain" else FinetuneSamples(store, seq_len, pad_id)
+    samples = PretrainSamples(store, seq_len) if request.kind == "pretrain" else FinetuneSamples(store, seq_len, pad_id, spec.packing)
     train_indices, eval_indices = _split(samples.count, spec, seed)
     pairs = [samples.pair(r) for r in eval_indices] if request.kind == "finetune" else []
     key = dataset_key(spec, request.kind, seq_len, seed)
-    return TokenizedSet(key, request.kind, samples, train_indices, samples.arrays(eval_indices), pairs)
+    return TokenizedSet(key, request.kind, samples, train_indices, samples.eval_arrays(eval_indices), pairs)
 
 
 class SampleStream:
@@ -173,11 +217,14 @@ class SampleStream:
             self._epoch_orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.data.n_train)}
         return self._epoch_orders[epoch]
 
-    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
-        """Samples at global positions start .. start+count-1 (crossing epochs as needed)."""
+    def samples_at(self, start: int, count: int) -> np.ndarray:
+        """Sample indices (fine-tune: store rows) at global positions start .. start+count-1 (crossing epochs as needed)."""
         n = self.data.n_train
-        idx = np.array([self._order(p // n)[p % n] for p in range(start, start + count)])
-        return {k: torch.from_numpy(v) for k, v in self.data.samples.arrays(self.data.train_indices[idx]).items()}
+        return self.data.train_indices[np.array([self._order(p // n)[p % n] for p in range(start, start + count)])]
+
+    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """The samples at global positions start .. start+count-1, in the training layout."""
+        return {k: torch.from_numpy(v) for k, v in self.data.samples.arrays(self.samples_at(start, count)).items()}
 
 
 def micro_batch_position(step_start: int, micro: int, accum_index: int, rank: int, world: int) -> int:

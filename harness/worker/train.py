@@ -28,7 +28,7 @@ from harness.worker.handoff import Checkpointer, start_point, write_rank_file
 from harness.worker.memory import record_exit, record_memory, reset_peak, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.model import build_model, build_tokenizer, parameter_storage
+from harness.worker.model import build_model, build_tokenizer, parameter_storage, prepare_for_data
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy, exit_launch, release_memory
 
@@ -111,6 +111,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
     else:
         from_checkpoint = start.checkpoint is not None or resume.mode != "fresh"
         model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
+    prepare_for_data(model, tokenizer, stage)
     record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
     sets = load_sets(stage, tokenizer)
     strategy.setup(model)
