@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,35 @@ class DeepSpeedStrategy:
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.to(self.device)
         return self.engine(**inputs).logits
+
+    @contextmanager
+    def generation_module(self, gather: bool) -> Iterator[torch.nn.Module]:
+        """The module to generate with, in eval mode. Under ZeRO-3 with gather, every parameter is
+        gathered once for the whole block and ZeRO-3's per-module hooks are taken off meanwhile:
+        they would release each layer after its forward and gather it again at the next one
+        (trl PR #1483, about 10x slower). Without gather, or below ZeRO-3, forwards run as in
+        training. Collective under ZeRO-3: every rank enters and leaves together."""
+        module = self.module
+        module.eval()
+        try:
+            if not (gather and self.engine.zero_optimization_partition_weights()):
+                yield module
+                return
+            offload = self.engine.optimizer.parameter_offload
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                # As trl's remove_hooks/add_hooks (DeepSpeed >= 0.16.4): the start-of-forward hook
+                # stays; re-registering the module hooks invalidates ZeRO-3's recorded fetch trace.
+                for param in module.parameters():
+                    param.ds_active_sub_modules.clear()
+                for hook in offload.forward_hooks + offload.backward_hooks:
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+                try:
+                    yield module
+                finally:
+                    offload._register_deepspeed_module(offload.module, count=[0])  # the ids it had: one engine per process
+        finally:
+            module.train()
 
     def optimizer_step(self) -> None:
         self.engine.step()
