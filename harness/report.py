@@ -119,14 +119,22 @@ def _task_values(evals: dict, keys: list[str]) -> dict:
     return {key.removeprefix("eval/"): evals.get(key) for key in keys}
 
 
+def start_eval(stage: StageRecord) -> dict:
+    """The stage's evaluation before its first step (eval_on_start: the weights it started from),
+    or {}."""
+    return next((r for r in stage.rows if r.get("stage_step") == 0), {})
+
+
 def report_table(run: RunRecord) -> list[dict]:
     """One row per stage: setup, step range, final train loss, eval loss and perplexity, each
-    task metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L), load mode.
+    task metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L; as start_<metric>
+    too where some stage evaluated before its first step), load mode.
 
     Columns a stage that is not done cannot know (zero_stage, world_size, eval,
     load) are None; its kind, optimizer and steps then come from its metrics.
     """
     keys = task_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
+    start_keys = task_columns([start_eval(s) for s in run.stages])
     rows = []
     for stage in run.stages:
         manifest = stage.manifest or {}
@@ -144,6 +152,7 @@ def report_table(run: RunRecord) -> list[dict]:
             "train_loss": final_train_loss(stage),
             "eval_loss": evals.get("eval/loss"),
             "eval_ppl": evals.get("eval/ppl"),
+            **{f"start_{k}": v for k, v in _task_values(start_eval(stage), start_keys).items()},
             **_task_values(evals, keys),
             "load": (manifest.get("load") or {}).get("mode"),
         })

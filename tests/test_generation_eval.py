@@ -92,5 +92,6 @@ def test_every_task_metric_reaches_manifest_metrics_and_report(run):
     table = json.loads((run / "report.json").read_text())
     assert [row["f1"] for row in table] == [m["eval"]["eval/f1"] for m in manifests(run)]
     assert [row["rougeL"] for row in table] == [m["eval"]["eval/rougeL"] for m in manifests(run)]
+    assert [row["start_chrf"] for row in table] == [None, start_row(run, 1)["eval/chrf"], start_row(run, 2)["eval/chrf"]]
     assert "chrf" in result.stdout and "rouge1" in result.stdout and "…" not in result.stdout
     assert max(len(line) for line in result.stdout.splitlines() if not line.startswith("wrote ")) <= 80, "fits a pipe (80 columns)"
