@@ -7,7 +7,8 @@ harness/worker/evaluate.py); the launch side needs only the names (the plan's
   exact_match  share of rows whose prediction equals the reference after SQuAD's
                normalisation (lower case, no punctuation, no a/an/the, single spaces); 0-1
   f1           SQuAD token F1 of normalised words, averaged over rows; 0-1
-  bleu         sacrebleu corpus BLEU (13a tokenisation, exp smoothing); 0-100 as sacrebleu prints it
+  bleu         sacrebleu corpus BLEU (13a tokenisation, exp smoothing); 0-100 as sacrebleu prints it;
+               0 on a corpus whose segments all have fewer than 4 tokens (no 4-grams to match)
   chrf         sacrebleu corpus chrF (character 6-grams, beta 2); 0-100
   rouge        rouge-score ROUGE-1, ROUGE-2 and ROUGE-L F-measure (Porter stemmer), averaged
                over rows: eval/rouge1, eval/rouge2, eval/rougeL; 0-1

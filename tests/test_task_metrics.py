@@ -34,6 +34,8 @@ def test_bleu_by_hand():
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert score(["bleu"], ["the cat sat on the mat"], ["the cat sat on a mat"])["eval/bleu"] == pytest.approx(expected, abs=1e-9)
     assert score(["bleu"], ["ab cd ef gh"], ["ab cd ef gh"])["eval/bleu"] == pytest.approx(100.0)
+    # corpus BLEU-4 has no 4-gram to match in segments of 3 words: 0 even for a perfect answer
+    assert score(["bleu"], ["ab cd ef"], ["ab cd ef"])["eval/bleu"] == 0.0
 
 
 def test_chrf_by_hand():

@@ -28,14 +28,15 @@ def made_up_words(rng: random.Random, count: int) -> list[str]:
 
 
 def translation_rows(rng: random.Random) -> list[dict[str, str]]:
-    """Toy translation between two invented languages: a 24-word lexicon, 3-word sentences
-    translated word by word, source order kept."""
+    """Toy translation between two invented languages: a 24-word lexicon, 5-word sentences
+    translated word by word, source order kept. (Corpus BLEU needs 4-grams: on sentences of
+    fewer than 4 words it is 0 whatever the output.)"""
     source, target = made_up_words(rng, 24), made_up_words(random.Random(1), 24)
     rng.shuffle(target)
     lexicon = dict(zip(source, target))
     rows = []
     for _ in range(ROWS):
-        words = [rng.choice(source) for _ in range(3)]
+        words = [rng.choice(source) for _ in range(5)]
         rows.append({"prompt": f"ao: {' '.join(words)}\nbe: ", "response": " ".join(lexicon[w] for w in words)})
     return rows
 
