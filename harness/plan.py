@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.fields import FieldInfo
 
 from harness import data_check
+from harness.task_metrics import MetricName
 
 # DeepSpeed accepts these case-insensitively (its own optimizers) or as exact
 # torch.optim names; we normalise the user's spelling to the one DeepSpeed needs
@@ -408,6 +409,27 @@ class TrainSettings(Strict):
     model.safetensors.index.json. Writing streams tensor by tensor, so this costs no memory."""
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1)
+    eval_on_start: bool = False
+    """Also evaluate before the stage's first step (logged as stage_step 0): what the previous stage
+    handed over, e.g. a task metric after pretraining next to the same metric after fine-tuning.
+    Skipped when the stage resumes past step 0."""
+    task_metrics: list[MetricName] = ["exact_match"]
+    """Metrics of greedy generation on held-out fine-tune rows, at every eval (stages with fine-tune
+    data): exact_match and f1 (SQuAD-normalised, QA), bleu and chrf (sacrebleu, translation),
+    rouge (rouge-score ROUGE-1/2/L, summarization); [] generates nothing. See harness/task_metrics.py."""
+    task_rows: int = Field(16, ge=1)
+    """Held-out rows generated for task_metrics: the first task_rows of the held-out set (at most
+    its size: data.eval_fraction of the rows, capped at data.eval_max_samples)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Generation length: greedy tokens per row at most; a row stops at end-of-sequence, and
+    generation stops when every row of the batch on every rank has."""
+    generation_batch: int = Field(8, ge=1)
+    """Rows generated together (left-padded) per forward on each rank."""
+    generation_gather: bool = True
+    """ZeRO-3: gather every parameter once for the whole generation instead of once per layer and
+    per forward (trl PR #1483 measured ~10x). Costs, while it generates, the full model on every
+    rank (parameters x bytes per parameter of the training dtype: 4 in fp32, 2 in bf16) on top of
+    the rank's shards; false keeps ZeRO-3's partitioned memory for a model that fits only that way."""
     log_every: int = Field(1, ge=1)
     seed: int = 1234
     nodes: int | None = Field(None, ge=1)

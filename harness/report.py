@@ -19,11 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.layout import RunDir, StageDir
+from harness.task_metrics import METRIC_NAMES, metric_keys
 from harness.records import InvalidRecord, read_json_lines, read_manifest
 
 # "Final train loss" is the mean of this many last train/loss values of a
 # stage: a single last value is too noisy to compare stages or runs.
 FINAL_LOSS_WINDOW = 5
+# Task metrics in the order tables and plots show them (eval/exact_match ...; see task_metrics.py).
+TASK_KEYS = metric_keys(list(METRIC_NAMES))
 
 
 @dataclass
@@ -53,7 +56,7 @@ class StageRecord:
         if self.manifest is not None:
             # The manifest counts the steps before the stage (0 for the first stage).
             return self.manifest["global_step_start"] + 1, self.manifest["global_step_end"]
-        steps = [r["global_step"] for r in self.rows]
+        steps = [r["global_step"] for r in self.rows if r.get("stage_step", 1) > 0]
         return (min(steps), max(steps)) if steps else (None, None)
 
 
@@ -106,12 +109,32 @@ def final_train_loss(stage: StageRecord) -> float | None:
     return mean(losses[-FINAL_LOSS_WINDOW:]) if losses else None
 
 
+def task_columns(evals: list[dict]) -> list[str]:
+    """The task metric keys (eval/exact_match, eval/bleu, ...) that any of the eval dicts has."""
+    return [key for key in TASK_KEYS if any(key in e for e in evals)]
+
+
+def _task_values(evals: dict, keys: list[str]) -> dict:
+    """{'exact_match': value or None, ...} for the columns keys."""
+    return {key.removeprefix("eval/"): evals.get(key) for key in keys}
+
+
+def start_eval(stage: StageRecord) -> dict:
+    """The stage's evaluation before its first step (eval_on_start: the weights it started from),
+    or {}."""
+    return next((r for r in stage.rows if r.get("stage_step") == 0), {})
+
+
 def report_table(run: RunRecord) -> list[dict]:
-    """One row per stage: setup, step range, final train loss, eval results, load mode.
+    """One row per stage: setup, step range, final train loss, eval loss and perplexity, each
+    task metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L; as start_<metric>
+    too where some stage evaluated before its first step), load mode.
 
     Columns a stage that is not done cannot know (zero_stage, world_size, eval,
     load) are None; its kind, optimizer and steps then come from its metrics.
     """
+    keys = task_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
+    start_keys = task_columns([start_eval(s) for s in run.stages])
     rows = []
     for stage in run.stages:
         manifest = stage.manifest or {}
@@ -129,7 +152,8 @@ def report_table(run: RunRecord) -> list[dict]:
             "train_loss": final_train_loss(stage),
             "eval_loss": evals.get("eval/loss"),
             "eval_ppl": evals.get("eval/ppl"),
-            "exact_match": evals.get("eval/exact_match"),
+            **{f"start_{k}": v for k, v in _task_values(start_eval(stage), start_keys).items()},
+            **_task_values(evals, keys),
             "load": (manifest.get("load") or {}).get("mode"),
         })
     return rows
@@ -138,18 +162,27 @@ def report_table(run: RunRecord) -> list[dict]:
 def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Path:
     """Plot one run and write its table; return the PNG path.
 
-    The PNG (default <out>/report.png) has train loss against global step,
-    stage boundaries and labels, eval loss points on top, and a panel of
-    each stage's eval results. <out>/report.json holds report_table's rows.
+    The PNG (default <out>/report.png) has train loss against global step, stage
+    boundaries and labels, eval loss points on top, and below it one panel per eval
+    metric (eval loss and each task metric): every evaluation of every stage against
+    global step, so a metric's jump between stages shows (an eval before a stage's
+    first step, `eval_on_start`, sits at the boundary). <out>/report.json holds
+    report_table's rows.
     """
     run, folder = load_run(run_dir), RunDir(Path(run_dir))
     rows = report_table(run)
     png = Path(png_path) if png_path else folder.report_png
+    keys = ["eval/loss"] + task_columns([r for stage in run.stages for r in stage.rows])
+    columns = min(len(keys), 3)
+    panel_rows = -(-len(keys) // columns)
 
-    fig = Figure(figsize=(12, 9), layout="constrained")
-    loss_ax, eval_ax = fig.subplots(2, 1, height_ratios=[3, 2])
-    _plot_loss(loss_ax, run)
-    _plot_evals(eval_ax, rows)
+    fig = Figure(figsize=(12, 6 + 3 * panel_rows), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[6, 3 * panel_rows])
+    _plot_loss(top.subplots(), run)
+    for ax, key in zip(bottom.subplots(panel_rows, columns, squeeze=False).flat, keys):
+        _plot_metric(ax, run, key)
+    for ax in bottom.axes[len(keys):]:
+        ax.axis("off")
     fig.suptitle(f"run {run.name}")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -183,49 +216,46 @@ def _plot_loss(ax, run: RunRecord) -> None:
         ax.legend(loc="upper right")
 
 
-def _plot_evals(ax, rows: list[dict]) -> None:
-    # Loss and exact match have different scales: loss on the left axis, exact match on the right.
-    x = range(len(rows))
-    losses = [r["eval_loss"] for r in rows]
-    bars = ax.bar(x, [v if v is not None else 0 for v in losses], color="C0", alpha=0.7)
-    ax.bar_label(bars, labels=[_eval_caption(r) for r in rows], fontsize=8)
-    ax.set_ylabel("eval loss (bars)", color="C0")
-    ax.set_xticks(list(x), [r["stage"] for r in rows], rotation=20, ha="right", fontsize=9)
-    ax.margins(y=0.2)
-
-    match = [(i, r["exact_match"]) for i, r in enumerate(rows) if r["exact_match"] is not None]
-    if match:
-        right = ax.twinx()
-        right.plot(*zip(*match), "D", color="C3", markersize=7)
-        right.set_ylim(0, 1.05)
-        right.set_ylabel("exact match (diamonds)", color="C3")
-    ax.set_title("eval results per stage")
-
-
-def _eval_caption(row: dict) -> str:
-    if row["status"] != "done":
-        return "not done"
-    if row["eval_loss"] is None:
-        return "no eval"
-    ppl = "" if row["eval_ppl"] is None else f"\nppl {row['eval_ppl']:.3g}"
-    return f"{row['eval_loss']:.3g}{ppl}"
+def _plot_metric(ax, run: RunRecord, key: str) -> None:
+    """Every evaluation of `key` against global step, one color per stage (as in the loss plot),
+    the last value of each stage written next to it."""
+    for i, stage in enumerate(run.stages):
+        points = stage.values(key)
+        if not points:
+            continue
+        ax.plot(*zip(*points), "o-", color=f"C{i % 10}", markersize=4, linewidth=1)
+        step, value = points[-1]
+        ax.annotate(f"{value:.3g}", (step, value), textcoords="offset points", xytext=(3, 4), fontsize=8, color=f"C{i % 10}")
+        start, _ = stage.step_range()
+        if i > 0 and start is not None:
+            ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("global step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
 
 
 def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     """Overlay the train loss of two or more runs; return the PNG path.
 
-    Below the plot, a table of each run's final numbers: its last stage's eval
-    results, the final train loss of its last stage with train losses, and its
-    last global step. The same rows go to compare.json next to the PNG.
+    Below the plot, one panel per eval metric (eval loss and each task metric): each run's
+    final value per stage (from the manifests), one line per run. The table rows (each run's
+    last stage's eval results and task metrics, the final train loss of its last stage with
+    train losses, its last global step) go to compare.json next to the PNG.
     """
     if len(run_dirs) < 2:
         raise ValueError(f"compare_runs needs at least two run folders, got {len(run_dirs)}")
     runs = [load_run(d) for d in run_dirs]
-    rows = [_final_row(run) for run in runs]
+    keys = task_columns([(s.manifest or {}).get("eval") or {} for run in runs for s in run.stages])
+    rows = [_final_row(run, keys) for run in runs]
     png = Path(png_path)
+    panels = ["eval/loss"] + keys
+    columns = min(len(panels), 3)
+    panel_rows = -(-len(panels) // columns)
 
-    fig = Figure(figsize=(12, 7 + 0.3 * len(runs)), layout="constrained")
-    ax, table_ax = fig.subplots(2, 1, height_ratios=[4, 1])
+    fig = Figure(figsize=(12, 6 + 3 * panel_rows), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[6, 3 * panel_rows])
+    ax = top.subplots()
     for i, run in enumerate(runs):
         train = [p for stage in run.stages for p in stage.values("train/loss")]
         if train:
@@ -235,13 +265,10 @@ def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("train loss by run")
-
-    table_ax.axis("off")
-    columns = list(rows[0])
-    table = table_ax.table(cellText=[[_cell(r[c]) for c in columns] for r in rows],
-                           colLabels=columns, loc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
+    for panel, key in zip(bottom.subplots(panel_rows, columns, squeeze=False).flat, panels):
+        _plot_final_metric(panel, runs, key)
+    for panel in bottom.axes[len(panels):]:
+        panel.axis("off")
 
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -249,7 +276,21 @@ def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     return png
 
 
-def _final_row(run: RunRecord) -> dict:
+def _plot_final_metric(ax, runs: list[RunRecord], key: str) -> None:
+    """Each run's final value of `key` per stage (stages in run order; the first run's names on the axis)."""
+    for i, run in enumerate(runs):
+        values = [((s.manifest or {}).get("eval") or {}).get(key) for s in run.stages]
+        points = [(x, v) for x, v in enumerate(values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", color=f"C{i % 10}", markersize=4, linewidth=1, label=run.name)
+    names = [s.name for s in max(runs, key=lambda r: len(r.stages)).stages]
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_title(key, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _final_row(run: RunRecord, keys: list[str]) -> dict:
     last = run.stages[-1]
     evals = (last.manifest or {}).get("eval") or {}
     losses = [final_train_loss(s) for s in run.stages]
@@ -262,7 +303,7 @@ def _final_row(run: RunRecord) -> dict:
         "train_loss": next((v for v in reversed(losses) if v is not None), None),
         "eval_loss": evals.get("eval/loss"),
         "eval_ppl": evals.get("eval/ppl"),
-        "exact_match": evals.get("eval/exact_match"),
+        **_task_values(evals, keys),
     }
 
 
@@ -275,12 +316,33 @@ def _cell(value) -> str:
 
 
 def print_table(rows: list[dict], title: str, console: Console | None = None) -> None:
-    """Print rows (as from report_table or compare.json) as a rich table."""
+    """Print rows (as from report_table or compare.json) as rich tables that fit the console's
+    width (80 columns in a pipe): the columns are split over as many tables as needed, each
+    starting with the first column (stage or run), so no cell is ever cut to "…"."""
+    console = console or Console()
+    columns = list(rows[0]) if rows else []
+    groups: list[list[str]] = []
+    for column in columns[1:] or columns:
+        if groups and _width(console, _table(rows, None, [columns[0], *groups[-1], column])) <= console.width:
+            groups[-1].append(column)
+        else:
+            groups.append([column])
+    for k, group in enumerate(groups):
+        keys = group if group == columns[:1] else [columns[0], *group]
+        console.print(_table(rows, title if k == 0 else None, keys))
+
+
+def _width(console: Console, table: Table) -> int:
+    """Columns the table needs unwrapped (rich's own measure stops at the console's width)."""
+    return console.measure(table, options=console.options.update_width(10_000)).maximum
+
+
+def _table(rows: list[dict], title: str | None, columns: list[str]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    for column in rows[0] if rows else []:
+    for column in columns:
         # Two-line headers ("step\nstart") keep the many numeric columns narrow.
         table.add_column(column.replace("_", "\n"), no_wrap=True,
                          justify="left" if column in ("stage", "run") else "right")
     for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
-    (console or Console()).print(table)
+        table.add_row(*(_cell(row[c]) for c in columns))
+    return table

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import harness
+from conftest import harness, metric_rows
 
 
 def test_demo_trains_every_phase_kind_and_says_where_the_model_is(tmp_path):
@@ -16,6 +16,10 @@ def test_demo_trains_every_phase_kind_and_says_where_the_model_is(tmp_path):
     assert [(m["kind"], m["zero_stage"], m["world_size"]) for m in records[:2]] == [("pretrain", 2, 2), ("finetune", 3, 2)]
     assert {m["engine_optimizer"] for m in records[2:]} == {"SGD", "AdamW"}
     assert records[0]["eval"]["eval/loss"] < 4.0, "pretraining learned something: a byte model starts near ln(259) = 5.6"
+    (before,) = [row for row in metric_rows(stage_dirs[1]) if row["stage_step"] == 0]
+    assert before["eval/exact_match"] <= 0.1 and records[1]["eval"]["eval/exact_match"] >= 0.5, "the fine-tune phase taught the cipher"
+    report = harness("report", out, check=True)
+    assert "start" in report.stdout and "exact" in report.stdout, "the report shows exact match before and after fine-tuning"
 
     final = stage_dirs[-1] / "model"
     assert f"AutoModelForCausalLM.from_pretrained('{final}')" in result.stdout

@@ -1,8 +1,11 @@
 """The embedded default: a small plan and the data it trains on, made offline.
 
 Pretraining text is the CPython documentation that ships with every Python
-(`pydoc_data.topics`); the fine-tune task is generated: repeat a made-up word.
-`harness demo` writes both into its output folder and runs the plan.
+(`pydoc_data.topics`); the fine-tune task is generated: a cipher that shifts each
+letter of a 4-letter word to the next one ("Q: shift abcd" -> "bcde"). A 2-layer byte
+model learns it in a couple of hundred steps (exact match from 0 to about 1), where it
+did not learn to repeat words of varying length. `harness demo` writes both into its
+output folder and runs the plan.
 """
 from __future__ import annotations
 
@@ -13,20 +16,27 @@ from pathlib import Path
 
 PLAN = Path(__file__).with_name("plan.yaml")
 FINETUNE_ROWS = 800
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def cipher_row(rng: random.Random) -> dict[str, str]:
+    """One fine-tune row: a random 4-letter word and the word with every letter shifted by one
+    (z wraps to a). The fixed length keeps each answer letter at a fixed distance from its source."""
+    word = "".join(rng.choice(LETTERS) for _ in range(4))
+    shifted = "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in word)
+    return {"prompt": f"Q: shift {word}\nA: ", "response": shifted}
 
 
 def write_demo_data(folder: Path, seed: int = 0) -> None:
-    """data/pretrain.txt (paragraphs of the Python docs) and data/finetune.jsonl (prompt/response)."""
+    """data/pretrain.txt (paragraphs of the Python docs) and data/cipher.jsonl (prompt/response)."""
     from pydoc_data.topics import topics
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pretrain.txt").write_text("\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n")
     rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    with open(folder / "finetune.jsonl", "w") as f:
+    with open(folder / "cipher.jsonl", "w") as f:
         for _ in range(FINETUNE_ROWS):
-            word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
-            f.write(json.dumps({"prompt": f"Q: repeat {word}\nA: ", "response": word}) + "\n")
+            f.write(json.dumps(cipher_row(rng)) + "\n")
 
 
 def write_demo_workspace(folder: Path) -> Path:

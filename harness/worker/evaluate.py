@@ -1,8 +1,8 @@
-"""Held-out evaluation: token-mean loss (and perplexity) and, for fine-tune data, exact match
-of greedy generation against the reference response on a fixed sample.
+"""Held-out evaluation: token-mean loss (and perplexity) and, for fine-tune data, task metrics
+(harness/task_metrics.py) of greedy generations against the reference responses.
 
-Every rank runs the same number of forward passes: under ZeRO-3 each forward
-gathers parameters collectively, so an uneven split would hang.
+Every rank runs the same number of forward passes: under ZeRO-3 a forward may gather
+parameters collectively, so an uneven split would hang.
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
+from harness import task_metrics
+from harness.plan import TrainSettings
 from harness.worker.data import IGNORE_INDEX, TokenizedSet, eval_batches
 from harness.worker.strategy import DeepSpeedStrategy
-
-EXACT_MATCH_SAMPLES = 16
-MAX_NEW_TOKENS = 64
 
 
 @torch.no_grad()
@@ -35,48 +35,66 @@ def held_out_loss(strategy: DeepSpeedStrategy, data: TokenizedSet, micro: int, m
     return total / max(count, 1.0)
 
 
-@torch.no_grad()
-def exact_match(strategy: DeepSpeedStrategy, data: TokenizedSet, tokenizer) -> float:
-    """Share of the first EXACT_MATCH_SAMPLES held-out prompts whose greedy continuation
-    (up to end-of-sequence) decodes to the reference response, whitespace-stripped."""
-    pairs = data.eval_pairs[:EXACT_MATCH_SAMPLES]
-    new_tokens = min(MAX_NEW_TOKENS, max(len(response) for _, response in pairs) + 1)
-    per_rank = -(-len(pairs) // strategy.world_size)
-    mine = list(range(strategy.rank, len(pairs), strategy.world_size))
-    hits = 0.0
-    strategy.module.eval()
-    for slot in range(per_rank):
-        index = mine[slot] if slot < len(mine) else 0  # filler keeps forwards in step
-        prompt, response = pairs[index]
-        generated = _greedy(strategy, tokenizer.eos_token_id, prompt, new_tokens)
-        if slot < len(mine) and tokenizer.decode(generated).strip() == tokenizer.decode(response).strip():
-            hits += 1
-    strategy.module.train()
-    return strategy.all_reduce_sum([hits])[0] / len(pairs)
+def task_scores(strategy: DeepSpeedStrategy, data: TokenizedSet, tokenizer, settings: TrainSettings) -> dict[str, float]:
+    """settings.task_metrics of greedy generations for the first task_rows held-out prompts
+    against their reference responses; the same values on every rank."""
+    pairs = data.eval_pairs[: settings.task_rows]
+    predictions = greedy_texts(strategy, tokenizer, [prompt for prompt, _ in pairs], settings)
+    references = [tokenizer.decode(response, skip_special_tokens=True).strip() for _, response in pairs]
+    return task_metrics.score(settings.task_metrics, predictions, references)
 
 
-def _greedy(strategy: DeepSpeedStrategy, eos: int, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens after the prompt, cut at end-of-sequence. Always runs new_tokens forwards."""
-    ids = torch.tensor([prompt], device=strategy.device)
-    out: list[int] = []
-    for _ in range(new_tokens):
-        next_id = strategy.logits(ids)[0, -1].argmax().item()
-        out.append(next_id)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=strategy.device)], dim=1)
-    return out[: out.index(eos)] if eos in out else out
+def greedy_texts(strategy: DeepSpeedStrategy, tokenizer, prompts: list[list[int]], settings: TrainSettings) -> list[str]:
+    """The greedy continuation of each prompt, decoded and stripped, on every rank. Rank r
+    generates prompts r, r + world, ... in batches of generation_batch; a rank with fewer
+    prompts generates a filler batch, so every rank runs the same number of generations, and
+    each generation runs until every rank is done (synced_gpus)."""
+    mine = list(range(strategy.rank, len(prompts), strategy.world_size))
+    size = settings.generation_batch
+    batches = _ceil_div(_ceil_div(len(prompts), strategy.world_size), size)
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts: dict[int, str] = {}
+    with torch.no_grad(), strategy.generation_module(settings.generation_gather) as module:
+        for b in range(batches):
+            chunk = mine[b * size : (b + 1) * size]
+            rows = [prompts[i] for i in chunk] or [prompts[0]]  # filler: its result is dropped
+            for i, ids in zip(chunk, _generate(module, rows, config, strategy.device, strategy.world_size > 1)):
+                texts[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    merged = {i: text for part in strategy.all_gather_object(texts) for i, text in part.items()}
+    return [merged[i] for i in range(len(prompts))]
 
 
-def eval_metrics(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], primary: str, tokenizer, micro: int, max_batches: int) -> dict[str, float]:
-    """eval/loss and eval/ppl on the stage's primary data set; lm_* and sft_* per set; exact match on fine-tune data."""
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _generate(module: torch.nn.Module, rows: list[list[int]], config: GenerationConfig, device: torch.device, synced: bool) -> list[list[int]]:
+    """Greedy new tokens of each row, cut before end-of-sequence. Rows are left-padded and masked
+    (rotary positions are relative, so the padding changes no real token's attention)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    out = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=synced)
+    new = out[:, width:].tolist()
+    return [tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens for tokens in new]
+
+
+def eval_metrics(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], primary: str, tokenizer, settings: TrainSettings) -> dict[str, float]:
+    """eval/loss and eval/ppl on the stage's primary data set; lm_* and sft_* per set; the task
+    metrics (eval/exact_match, eval/bleu, ...) on fine-tune data."""
     metrics: dict[str, float] = {}
     for kind, data in sets.items():
-        loss = held_out_loss(strategy, data, micro, max_batches)
+        loss = held_out_loss(strategy, data, settings.micro_batch, settings.eval_batches)
         prefix = "lm" if kind == "pretrain" else "sft"
         metrics[f"eval/{prefix}_loss"] = loss
         metrics[f"eval/{prefix}_ppl"] = math.exp(min(loss, 50.0))
         if kind == primary:
             metrics["eval/loss"] = loss
             metrics["eval/ppl"] = metrics[f"eval/{prefix}_ppl"]
-        if kind == "finetune":
-            metrics["eval/exact_match"] = exact_match(strategy, data, tokenizer)
+        if kind == "finetune" and settings.task_metrics:
+            metrics.update(task_scores(strategy, data, tokenizer, settings))
     return metrics

@@ -10,6 +10,7 @@ import ctypes
 import gc
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,37 @@ class DeepSpeedStrategy:
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.to(self.device)
         return self.engine(**inputs).logits
+
+    @contextmanager
+    def generation_module(self, gather: bool) -> Iterator[torch.nn.Module]:
+        """The module to generate with, in eval mode. Under ZeRO-3 with gather, every parameter is
+        gathered once for the whole block and ZeRO-3's per-module hooks are taken off meanwhile:
+        they would release each layer after its forward and gather it again at the next one
+        (trl PR #1483, about 10x slower). Without gather, or below ZeRO-3, forwards run as in
+        training. Collective under ZeRO-3: every rank enters and leaves together."""
+        module = self.module
+        module.eval()
+        try:
+            if not (gather and self.engine.zero_optimization_partition_weights()):
+                yield module
+                return
+            offload = self.engine.optimizer.parameter_offload
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                # As trl's remove_hooks/add_hooks (DeepSpeed >= 0.16.4): the start-of-forward hook
+                # stays; re-registering the module hooks invalidates ZeRO-3's recorded fetch trace.
+                for param in module.parameters():
+                    param.ds_active_sub_modules.clear()
+                for hook in offload.forward_hooks + offload.backward_hooks:
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+                try:
+                    yield module
+                finally:
+                    # The ids the modules had: DeepSpeed numbers them from a counter that lives on
+                    # across the engines of one process (a mutable default argument, 0.19.8).
+                    offload._register_deepspeed_module(offload.module, count=[offload.module.ds_id])
+        finally:
+            module.train()
 
     def optimizer_step(self) -> None:
         self.engine.step()

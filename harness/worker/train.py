@@ -130,7 +130,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
         metrics.close()
         return PREEMPTED
     if not last_eval:  # resumed at its last step (the handoff was lost): evaluate what is handed over
-        last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings.micro_batch, stage.settings.eval_batches)
+        last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings)
     extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values(),
              "trainable": checkpointer.trainable_record()}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
@@ -158,6 +158,9 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
     last_eval: dict[str, float] = {}
     bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=f"[harness] {stage.name}", disable=not strategy.is_rank0,
                file=BarOutput(sys.stdout), dynamic_ncols=False, ncols=110, mininterval=1.0)
+    if s.eval_on_start and progress.stage_step == 0:
+        metrics.log({"stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type, "global_step": progress.global_step,
+                     "stage_step": 0, **eval_metrics(strategy, sets, primary, tokenizer, s)})
     while progress.stage_step < stage.steps:
         step = progress.stage_step + 1
         source = stage.data.source_at(step)
@@ -192,7 +195,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
             **regularizer.last,
         }
         if step % s.eval_every == 0 or step == stage.steps:
-            last_eval = eval_metrics(strategy, sets, primary, tokenizer, s.micro_batch, s.eval_batches)
+            last_eval = eval_metrics(strategy, sets, primary, tokenizer, s)
             row.update(last_eval)
         if step % s.log_every == 0 or step == stage.steps or "eval/loss" in row:
             metrics.log(row)
