@@ -29,10 +29,11 @@ class MetricsLog(NullMetrics):
         self._file = open(path, "a")
 
     def _drop_after(self, step: int) -> None:
-        """Forget lines past the checkpoint we resume from, so no step is logged twice."""
+        """Forget lines past the checkpoint we resume from, so no step is logged twice. A stage that
+        starts again from its beginning (step 0) logs its eval before step 1 again: nothing is kept."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if (logged := _stage_step(line)) is not None and logged <= step]
+        kept = [line for line in self.path.read_text().splitlines() if (logged := _stage_step(line)) is not None and 0 < step and logged <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, row: dict[str, Any]) -> None:
