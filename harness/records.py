@@ -137,18 +137,22 @@ class EngineSettings(Record):
     optimizer: str
     offload: OffloadSpec
     model: ModelSpec
+    trainable: str = "all"
+    """The trainable layout (which parameters train, in which lr groups): 'all', or its digest."""
 
 
 def engine_settings(stage: Stage) -> EngineSettings:
     s = stage.settings
-    return EngineSettings(zero_stage=s.zero_stage, world_size=stage.world_size, dtype=stage.precision,
-                          optimizer=stage.optimizer_type, offload=s.offload, model=stage.model)
+    return EngineSettings(zero_stage=s.zero_stage, world_size=stage.world_size, dtype=stage.precision, optimizer=stage.optimizer_type,
+                          offload=s.offload, model=stage.model, trainable=stage.trainable.layout() if stage.trainable else "all")
 
 
 class CheckpointRecord(Record):
     """checkpoints/step<N>/complete: written by rank 0 once every rank saved its part. The tag
     counts only while every file it lists is there, whole and unchanged."""
 
+    format: Literal[3] = MANIFEST_FORMAT
+    """The harness version that wrote it (a tag of another format is not resumed: older_format)."""
     progress: Progress
     engine: EngineSettings
     files: dict[str, FileCheck]
@@ -403,6 +407,8 @@ def older_format(stage_dir: StageDir) -> str | None:
             continue
         if isinstance(record, dict) and "stage_step" in record and "engine" not in record:
             return f"{marker} (progress only)"
+        if isinstance(record, dict) and record.get("format") != MANIFEST_FORMAT:
+            return f"{marker} (format {record.get('format', 2)})"
     return None
 
 
