@@ -17,7 +17,7 @@ from harness.formats import BUILTIN_CHAT_TEMPLATE, messages_of
 from harness.plan import DataSpec, ModelSpec
 from harness.store_builder import build
 from harness.token_store import StoreRequest, count_rows
-from harness.worker.data import IGNORE_INDEX, FinetuneSamples, TokenizedSet, open_set
+from harness.worker.data import IGNORE_INDEX, TokenizedSet, open_set
 from harness.worker.model import build_model, byte_tokenizer, give_chat_template, keep_packed_rows_apart
 
 ALPACA_JSON, CHAT_JSONL, SHAREGPT_JSONL = DATA / "alpaca.json", DATA / "chat.jsonl", DATA / "sharegpt.jsonl"
