@@ -21,14 +21,13 @@ def cmd_plan(args) -> int:
     from harness.setup import prepare, write_setup
 
     setup = prepare(args.plan, args.out, force=args.force)
+    from harness.console import launch_name
+
     launches = write_setup(setup)
-    _print_stages(setup)
+    _print_stages(setup, [group for group, _ in launches])
     _print_stores(setup)
     for group, argv in launches:
-        first, last = group[0], group[-1]
-        what = f"stage {first.index:02d} {first.name}" if len(group) == 1 else \
-            f"stages {first.index:02d}-{last.index:02d} ({first.name} .. {last.name}): one launch, the engine swapped between stages"
-        print(f"\n# {what}\n{' '.join(argv)}")
+        print(f"\n# {launch_name(group)}\n{' '.join(argv)}")
     print(f"\nwrote {setup.run.phases}/*/ds_config.json and command.txt (ports are chosen free at launch)")
     return 0
 
@@ -185,13 +184,11 @@ def _print_stores(setup) -> None:
     Console(width=200).print(table)
 
 
-def _print_stages(setup) -> None:
+def _print_stages(setup, launches) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.stages import launch_groups
-
-    launch_of = {stage.index: n for n, group in enumerate(launch_groups(setup.stages, set(setup.resumes)), 1) for stage in group}
+    launch_of = {stage.index: n for n, group in enumerate(launches, 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
     for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "trains",
                    "lr groups", "load", "starts"):

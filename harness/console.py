@@ -20,6 +20,14 @@ def stage_line(stage: Stage, resume: ResumePoint) -> str:
     return line if resume.mode == "fresh" else f"{line}; resumes from {resume.tag} ({resume.mode})"
 
 
+def launch_name(group: list[Stage]) -> str:
+    """"stage 03 'sft'", or "stages 03-06 ('ms.c1.s1-sgd' .. 'ms.c1.s4-adamw') in one launch": what a launch runs."""
+    first, last = group[0], group[-1]
+    if first is last:
+        return f"stage {first.index:02d} '{first.name}'"
+    return f"stages {first.index:02d}-{last.index:02d} ('{first.name}' .. '{last.name}') in one launch"
+
+
 def eval_summary(metrics: dict[str, float]) -> str:
     """'loss 2.673  ppl 14.49  sft loss 2.741  exact_match 0.250': the main figures first, then any
     other eval metric (task metrics), each with 3 or 4 significant decimals."""

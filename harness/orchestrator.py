@@ -3,13 +3,15 @@
 Consecutive stages on the same topology share one launch (their ranks swap the engine in
 place, stages.launch_groups). A stage succeeded when its manifest (written by rank 0 after a
 final barrier) is valid and its launch exited 0 or went on to the next stage. A rerun skips
-done stages, and the worker resumes an interrupted stage from its latest checkpoint. The jobs around it live beside it: validation and stage
-files in setup.py, hosts in hosts.py, the launcher process group in processes.py, failure
-messages in failures.py, `harness status` in status.py, token stores in token_store.py. Never imports torch.
+done stages, and the worker resumes an interrupted stage from its latest checkpoint. The jobs
+around it live beside it: validation and stage files in setup.py, hosts in hosts.py, the
+launcher process group in processes.py, failure messages in failures.py, `harness status` in
+status.py, token stores in token_store.py. Never imports torch.
 """
 from __future__ import annotations
 
 from collections import deque
+from itertools import takewhile
 from typing import Callable
 
 from harness.failures import explain_exit, resume_advice
@@ -71,18 +73,18 @@ def _launch(setup: RunSetup, group: list[Stage], echo: Callable[[str], None], ve
         exit_code = launch_group(group, dirs, verbose)
     finally:
         collect_metrics(setup.run)  # whatever happened, the run-level file has every row the stages wrote
-    done = [stage for stage, stage_dir in zip(group, dirs) if is_done(stage_dir)]
-    for stage in done:
-        drop_conversions(_dir(setup, stage))
-    rest = group[len(done):]
-    if exit_code != 0 and done and (not rest or not _began_on_every_rank(rest[0], _dir(setup, rest[0]))):
-        last = done[-1]
+    done = sum(1 for _ in takewhile(is_done, dirs))  # the stages run in order: the done ones come first
+    for stage_dir in dirs[:done]:
+        drop_conversions(stage_dir)
+    rest = group[done:]
+    if exit_code != 0 and done and (not rest or not _began_on_every_rank(rest[0], dirs[done])):
+        last = group[done - 1]
         echo(f"[harness] stage {last.index:02d} {last.name}: the launcher exited {exit_code} after the manifest was "
              "written; the handoff is complete and verified, so the stage is done")
         return rest
     if not rest:
         return []
-    failed, failed_dir = rest[0], _dir(setup, rest[0])
+    failed, failed_dir = rest[0], dirs[done]
     if exit_code != 0:
         raise StageFailed(failed, failed_dir, exit_code, *explain_exit(failed, failed_dir, exit_code))
     raise StageFailed(failed, failed_dir, exit_code, "no valid manifest.json was written", resume_advice(failed_dir))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from string import Template
 
+from harness.console import launch_name
 from harness.exit_codes import PREEMPTED
 from harness.launch import shell_quote
 from harness.layout import RunDir
@@ -88,9 +89,8 @@ def _job_of(launch: list[Stage], harness: list[str]) -> tuple[str, list[Stage], 
     """(job name, stages, command, what it runs) of the job that runs one launch."""
     first, last = launch[0], launch[-1]
     if first is last:
-        return f"{first.index:02d}-{first.name}", launch, harness + ["--only", str(first.index)], f"stage {first.index:02d} '{first.name}'"
-    numbers = f"{first.index:02d}-{last.index:02d}"
-    return numbers, launch, harness + ["--only", f"{first.index}-{last.index}"], f"stages {numbers} ('{first.name}' .. '{last.name}') in one launch"
+        return f"{first.index:02d}-{first.name}", launch, harness + ["--only", str(first.index)], launch_name(launch)
+    return f"{first.index:02d}-{last.index:02d}", launch, harness + ["--only", f"{first.index}-{last.index}"], launch_name(launch)
 
 
 def submit_jobs(jobs: list[SlurmJob], run: RunDir) -> list[SlurmJob]:

@@ -117,7 +117,7 @@ class Checkpointer:
         if start.previous is not None:
             progress.global_step_start = start.previous.global_step_end
             progress.data_position = dict(start.previous.data_position)
-        weights = self._weights_digest()
+        weights = self.strategy.weights_digest()
         moments = self.strategy.optimizer_state_digest()
         if start.previous is not None and weights != self._expected_start_digest(start):
             raise RuntimeError(
@@ -140,7 +140,7 @@ class Checkpointer:
             folder = Path(resume.load_folder) if resume.mode == "universal" else self.dir.checkpoints / resume.tag
             state = self.strategy.load_checkpoint(folder.parent, folder.name, with_scheduler=True)
             progress = Progress.model_validate(state["progress"])
-        weights = self._weights_digest()
+        weights = self.strategy.weights_digest()
         carried = self.strategy.any_rank(any(self.strategy.base_optimizer.state.values()))
         if self.strategy.is_rank0:
             print(f"[harness] stage {self.stage.name}: resuming from checkpoint {resume.tag} ({resume.mode}: {resume.reason})", flush=True)
@@ -151,12 +151,6 @@ class Checkpointer:
             started.write(self.dir.started)
         self.strategy.barrier()
         return progress
-
-    def _weights_digest(self) -> str:
-        digest = WeightsDigest()
-        for name, weight in self.strategy.full_fp32_params():
-            digest.update(name, weight)
-        return digest.hexdigest()
 
     def _expected_start_digest(self, start: StartPoint) -> str:
         """full_state: the saved fp32 master digest. weights_only: the digest of what the files

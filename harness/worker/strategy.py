@@ -208,14 +208,16 @@ class DeepSpeedStrategy:
                 full = safe_get_full_fp32_param(param)
             yield name, (param if full is None else full).detach().float().cpu()
 
-    def frozen_digest(self) -> str:
-        """Digest of the frozen parameters' full values, 'none' when every parameter trains. Collective."""
-        if not self.frozen_names:
-            return "none"
+    def weights_digest(self, names: list[str] | None = None) -> str:
+        """WeightsDigest of the full fp32 weights (all, or those named). Collective."""
         digest = WeightsDigest()
-        for name, weight in self.full_fp32_params(self.frozen_names):
+        for name, weight in self.full_fp32_params(names):
             digest.update(name, weight)
         return digest.hexdigest()
+
+    def frozen_digest(self) -> str:
+        """Digest of the frozen parameters' full values, 'none' when every parameter trains. Collective."""
+        return self.weights_digest(self.frozen_names) if self.frozen_names else "none"
 
     def total_params(self) -> int:
         """Elements of every parameter (ZeRO-3's ds_numel is the full size of a partitioned one)."""

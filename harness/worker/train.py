@@ -101,7 +101,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
     else:
         _send_output_to(stage_dir.rank_log(strategy.rank))
 
-    start = start_point(stage, spec.start, previous, verify_files=previous is None or previous != previous_in_launch)
+    start = start_point(stage, spec.start, previous, verify_files=previous != previous_in_launch)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
     record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
     # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
