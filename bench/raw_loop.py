@@ -59,7 +59,7 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=json.loads(args.ds_config.read_text()))
     blocks = packed_blocks(tokenizer, stage.data.pretrain.files[0], s.seq_len)
 
-    micro, accum = s.micro_batch, stage.grad_accum
+    micro, accum = stage.micro_batch, stage.grad_accum
     tokens_per_step = micro * accum * world * s.seq_len
     log = open(args.metrics, "w") if rank == 0 else None
     for step in range(1, args.steps + 1):

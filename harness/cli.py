@@ -190,17 +190,21 @@ def _print_stages(setup, launches) -> None:
 
     launch_of = {stage.index: n for n, group in enumerate(launches, 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
-    for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "trains",
+    for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "fast", "trains",
                    "lr groups", "load", "starts"):
         table.add_column(column)
     for st in setup.stages:
         s = st.settings
         table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(s.zero_stage), st.precision,
-                      st.optimizer_type, str(st.steps), f"{st.global_batch} = {s.micro_batch} x {st.grad_accum} x {st.world_size}", *_trains(st),
+                      st.optimizer_type, str(st.steps), _batch(st), " ".join(st.fast.parts), *_trains(st),
                       setup.starts[st.index].mode, _start_of(setup, st))
-    Console(width=220).print(table)
+    Console(width=240).print(table)
     for stage in setup.stages:
         print(f"stage {stage.index:02d} {stage.name}: load {setup.starts[stage.index].mode}: {setup.starts[stage.index].reason}")
+        for note in stage.fast.notes:
+            print(f"  fast: {note}")
+        if stage.micro_batch_candidates:
+            print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start")
         for group in stage.trainable.groups if stage.trainable else ():
             print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
     for stage in setup.stages:
@@ -209,6 +213,13 @@ def _print_stages(setup, launches) -> None:
             print(f"stage {stage.index:02d} {stage.name}: {resume.tag or 'from its start'} ({resume.mode}): {resume.reason}")
             for damaged in resume.set_aside:
                 print(f"  damaged, set aside at launch: {damaged}")
+
+
+def _batch(stage) -> str:
+    """'16 = 4 x 2 x 2' (global = micro x accumulation x world); 'auto' for a probed micro batch."""
+    if stage.micro_batch_candidates:
+        return f"{stage.global_batch} = auto x auto x {stage.world_size}"
+    return f"{stage.global_batch} = {stage.micro_batch} x {stage.grad_accum} x {stage.world_size}"
 
 
 def _trains(stage) -> tuple[str, str]:

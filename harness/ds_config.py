@@ -51,7 +51,7 @@ def _generated_config(stage: Stage) -> dict[str, Any]:
     s = stage.settings
     config: dict[str, Any] = {
         "train_batch_size": stage.global_batch,
-        "train_micro_batch_size_per_gpu": s.micro_batch,
+        "train_micro_batch_size_per_gpu": stage.micro_batch,
         "gradient_accumulation_steps": stage.grad_accum,
         # Set explicitly: DeepSpeed 0.19.8 clips at 1.0 when the key is missing.
         "gradient_clipping": s.grad_clip,
@@ -63,6 +63,8 @@ def _generated_config(stage: Stage) -> dict[str, Any]:
     }
     if s.optimizer.type not in DEEPSPEED_OPTIMIZERS and s.zero_stage >= 1:
         config["zero_allow_untested_optimizer"] = True
+    if stage.fast.compile == "deepcompile":
+        config["compile"] = {"deepcompile": True}  # engine.compile() (harness/worker/fast.py) then uses it
     scheduler = _scheduler_block(stage)
     if scheduler is not None:
         config["scheduler"] = scheduler

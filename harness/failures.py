@@ -105,7 +105,9 @@ def memory_advice(stage: Stage, stage_dir: StageDir) -> str:
     would most likely be killed the same way, so no 'rerun' here."""
     s = stage.settings
     changes = []
-    if s.micro_batch > 1:
+    if s.micro_batch == "auto":
+        changes.append("micro_batch: auto measured what fits at the stage's start; give a smaller micro_batch (global_batch stays)")
+    elif s.micro_batch > 1:
         changes.append(f"micro_batch: {s.micro_batch} -> {max(1, s.micro_batch // 2)} (global_batch stays: more accumulation steps)")
     if s.zero_stage < 3:
         changes.append(f"zero_stage: {s.zero_stage} -> 3 (weights, gradients and optimizer state sharded over the ranks, not one copy each)")

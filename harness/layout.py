@@ -82,6 +82,11 @@ class StageDir:
         return self.root / "manifest.json"
 
     @property
+    def micro_batch(self) -> Path:
+        """The micro batch a micro_batch auto probe chose (records.BatchRecord)."""
+        return self.root / "micro_batch.json"
+
+    @property
     def started(self) -> Path:
         return self.root / "started.json"
 

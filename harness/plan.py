@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from harness import data_check
@@ -376,6 +376,49 @@ class TrainableSpec(Strict):
         return self == TrainableSpec()
 
 
+class FastParts(Strict):
+    """The parts of the fast path, each on or off on its own (harness/fast.py resolves them per
+    stage, harness/worker/fast.py applies them). A part that fails to initialise on a rank is turned
+    off with a one-line warning naming it, and the run goes on without it."""
+
+    compile: bool = False
+    """torch.compile of the model through DeepSpeed's engine.compile() (inductor). Its cost is the
+    first step of every stage (bench/transition.py); weights, checkpoints and handoff are unchanged."""
+    deepcompile: bool = False
+    """DeepSpeed's DeepCompile (`"compile": {"deepcompile": true}`, then engine.compile()): ZeRO's
+    communication scheduled inside the compiled graph. CUDA only; implies compile."""
+    liger: bool = False
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: the logits
+    are never materialized) for the model families liger-kernel patches. CUDA only; needs the
+    optional extra: pip install 'phased-harness[gpu]'."""
+    attention: Literal["auto", "sdpa", "flash", "eager"] = "auto"
+    """auto: flash attention 2 on CUDA in bf16/fp16 when flash-attn is installed, else PyTorch SDPA.
+    flash falls back to sdpa where flash-attn is missing or on CPU."""
+
+
+def _micro_batch(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("a whole number >= 1, or auto (the largest that fits, found at the stage's start)")
+
+
+def _fast(value: Any) -> Any:
+    """A mapping is read as FastParts here, so a misspelt part gets one error, not one per form."""
+    if value in ("auto", "off") or isinstance(value, FastParts):
+        return value
+    if isinstance(value, dict):
+        try:
+            return FastParts.model_validate(value)
+        except ValidationError as error:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                             + " (parts: compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)") from None
+    raise ValueError("auto, off, or a mapping of parts (compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)")
+
+
+MicroBatch = Annotated[int | Literal["auto"], BeforeValidator(_micro_batch)]
+Fast = Annotated[Literal["auto", "off"] | FastParts, BeforeValidator(_fast)]
+
+
 class TrainSettings(Strict):
     """Settings a phase (and a multistep stage) may set; unset ones come from defaults."""
 
@@ -385,9 +428,13 @@ class TrainSettings(Strict):
     tokens: int | None = Field(None, ge=1)
     """Token budget: steps = ceil(tokens / (global_batch * seq_len))."""
     seq_len: int = Field(128, ge=8)
-    micro_batch: int = Field(4, ge=1)
+    micro_batch: MicroBatch = 4
+    """Samples per forward on each rank; `auto`: the largest that fits, found by a short probe at
+    the stage's start (harness/worker/batch_probe.py), with global_batch kept by the accumulation
+    steps; the choice is recorded in the stage's micro_batch.json and manifest."""
     global_batch: int | None = Field(None, ge=1)
-    """Samples per optimizer step; must equal micro_batch x grad_accum x world size. Default: micro_batch x world."""
+    """Samples per optimizer step; must equal micro_batch x grad_accum x world size. Default: micro_batch x world
+    (micro_batch auto needs it given)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -436,6 +483,10 @@ class TrainSettings(Strict):
     """Override cluster.nodes for this phase (world size may change between phases)."""
     procs_per_node: int | None = Field(None, ge=1)
     """Override cluster.procs_per_node for this phase."""
+    fast: Fast = "auto"
+    """The fast path: compilation, fused kernels, attention kernel (see FastParts). auto: what
+    harness/fast.py's AUTO table turns on for the accelerator (`harness plan` shows it per stage);
+    off: eager PyTorch with SDPA attention; or the parts, e.g. {compile: true, liger: true}."""
     # ---- what trains (issue 10) ----
     trainable: TrainableSpec = TrainableSpec()
     """Which parameters train and their learning-rate groups (see TrainableSpec); default: all, one group."""
@@ -446,6 +497,12 @@ class TrainSettings(Strict):
     plan decides (batch sizes, precision, ZeRO stage, optimizer and scheduler type) may only be
     "auto" or repeat the plan's value, except that the block's zero_optimization.stage is the
     zero_stage when the plan sets none."""
+
+    @model_validator(mode="after")
+    def _auto_micro_batch_has_global_batch(self) -> TrainSettings:
+        if self.micro_batch == "auto" and self.global_batch is None:
+            raise ValueError("micro_batch auto keeps the global batch while it picks the micro batch: set global_batch")
+        return self
 
     @model_validator(mode="after")
     def _offload_fits_zero(self) -> TrainSettings:

@@ -316,6 +316,48 @@ def trainable_record(stage: Stage, total_params: int, frozen_digests: tuple[str,
                            groups=groups, frozen_digest_start=frozen_digests[0], frozen_digest_end=frozen_digests[1], **counts)
 
 
+class FastRecord(Record):
+    """The fast path as it ran on rank 0 (harness/worker/fast.py), in the manifest."""
+
+    compile: Literal["off", "engine", "deepcompile"]
+    liger: bool
+    attention: str
+    fallbacks: dict[str, str] = {}
+    """Part -> why it was turned off as the stage started (each also a warning line on the console)."""
+    notes: list[str] = []
+    """Parts the launch side turned off for this stage, with the reason (harness/fast.py)."""
+    first_compiled_forward_s: float | None = None
+    """Seconds of the first compiled forward (tracing and compiling it; the backward compiles in the
+    first backward, so the first step's time in metrics.jsonl is the whole cost); None when not compiled."""
+
+
+class ProbeTry(Record):
+    """One micro batch the probe ran: a forward, backward and optimizer step on every rank."""
+
+    micro_batch: int
+    peak_bytes: int | None
+    """The highest peak over the ranks (GPU memory allocated, or host RSS); None: it ran out of memory."""
+    fits: bool
+
+
+class BatchRecord(Record):
+    """micro_batch.json: how a stage splits its global batch, and how that was chosen. Written by
+    rank 0 after a micro_batch auto probe; a resume of the stage reads it instead of probing again."""
+
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    world_size: int
+    chosen_by: Literal["plan", "probe", "recorded"]
+    memory: Literal["gpu", "host"] | None = None
+    """What the probe measured: GPU memory on CUDA, the rank's host memory (RSS) on CPU."""
+    budget_bytes: int | None = None
+    """The most a micro batch may peak at on a rank: 90% of the GPU memory free to this process, or
+    of this rank's share of the node's available host memory."""
+    probe: list[ProbeTry] = []
+    probe_seconds: float | None = None
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -355,6 +397,10 @@ class Manifest(Record):
     regularization: dict[str, Any]
     trainable: TrainableRecord | None = None
     """None: a manifest written without one (every parameter trained, one group)."""
+    fast: FastRecord | None = None
+    """The fast path as it ran (None: a manifest written without one)."""
+    batch: BatchRecord | None = None
+    """The micro batch and accumulation steps the stage trained with (None: written without one)."""
 
 
 class SlurmJob(Record):

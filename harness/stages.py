@@ -26,7 +26,8 @@ from harness.plan import (
     TrainSettings,
     WandbSpec,
 )
-from harness import trainable
+from harness import fast, trainable
+from harness.fast import FastChoice
 from harness.model_params import ParamTable
 from harness.trainable import TrainableSet
 
@@ -38,6 +39,11 @@ class StageData(Strict):
     finetune: DataSpec | None = None
     source: Literal["pretrain", "finetune", "mix"]
     mix: Literal["alternate"] | MixSpec = "alternate"
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether it trains on fine-tune rows packed end to end (data.packing)."""
+        return self.finetune is not None and self.finetune.packing and self.source != "pretrain"
 
     def source_at(self, step: int) -> str:
         """Data set of optimizer step `step` (1-based): the same on every rank."""
@@ -94,11 +100,19 @@ class Stage(Strict):
     """Steps of this phase run before this stage (multistep), for schedules that span the phase."""
     phase_steps: int
     """Steps of the whole phase."""
+    micro_batch: int
+    """Samples per forward on each rank: the plan's; with micro_batch auto the largest candidate,
+    which the worker replaces by the probe's choice (harness/worker/batch_probe.py)."""
+    micro_batch_candidates: list[int] = []
+    """micro_batch auto: the micro batches the probe may pick, smallest first; [] when the plan sets one."""
     grad_accum: int
+    """Accumulation steps for micro_batch (the worker recomputes it for the probe's choice)."""
     global_batch: int
     precision: Literal["fp32", "bf16", "fp16"]
     settings: TrainSettings
     data: StageData
+    fast: FastChoice = FastChoice()
+    """The fast path's parts this stage turns on (harness/fast.py)."""
     trainable: TrainableSet | None = None
     """The parameters it trains, in optimizer groups (harness/trainable.py); None: every parameter,
     one group at the optimizer's lr (the default, resolved without reading the model)."""
@@ -110,7 +124,6 @@ class Stage(Strict):
     @property
     def optimizer_type(self) -> str:
         return self.settings.optimizer.type
-
 
 RowCounter = Callable[[DataSpec], int]
 ParamLister = Callable[[], ParamTable]
@@ -223,13 +236,20 @@ def _resolve(
     if plan.cluster.launcher == "local" and accelerator == "cuda" and local_gpus is not None and procs > local_gpus:
         raise _StageProblem(procs_field, procs, f"at most {local_gpus}, the GPUs `nvidia-smi -L` lists on this machine (a local launch runs one rank per GPU)")
     world = nodes * procs
-    per_step = settings.micro_batch * world
+    candidates = []
+    if settings.micro_batch == "auto":
+        global_batch = settings.global_batch  # set: the plan requires it with micro_batch auto
+        if global_batch % world:
+            raise _StageProblem("global_batch", global_batch, f"a multiple of the world size ({world}) with micro_batch auto")
+        candidates = fast.micro_batch_candidates(global_batch, world)
+    micro_batch = candidates[-1] if candidates else settings.micro_batch
+    per_step = micro_batch * world
     global_batch = settings.global_batch or per_step
     if global_batch % per_step:
         raise _StageProblem(
             "global_batch",
             global_batch,
-            f"a multiple of micro_batch x world size = {settings.micro_batch} x {world} = {per_step}",
+            f"a multiple of micro_batch x world size = {micro_batch} x {world} = {per_step}",
         )
     precision = settings.precision
     if precision == "auto":
@@ -267,11 +287,14 @@ def _resolve(
         procs_per_node=procs,
         steps=steps,
         phase_steps=steps,
+        micro_batch=micro_batch,
+        micro_batch_candidates=candidates,
         grad_accum=global_batch // per_step,
         global_batch=global_batch,
         precision=precision,
         settings=settings,
         data=data,
+        fast=fast.resolve(settings, accelerator, precision, packed_rows=data.packs_rows),
         trainable=trainable_set,
     )
 

@@ -149,7 +149,7 @@ def test_the_built_in_template_is_saved_with_the_tokenizer(tmp_path, tokenizer):
 @pytest.fixture(scope="module")
 def tiny_llama():
     model = build_model(ModelSpec(builtin="tiny-llama"), byte_tokenizer(), seed=3, handoff_dir=None)
-    keep_packed_rows_apart(model, flash=False)
+    keep_packed_rows_apart(model)
     return model.eval()
 
 

@@ -55,7 +55,12 @@ CASES = [
     ("phases.0.scheduler", {"type": "Cosine"}, "phases[0].scheduler.type", "'WarmupCosineLR'"),
     ("phases.0.deepspeed", {"zero_optimization": {"stage": 2, "overlap_com": True}}, "stage 'pre' deepspeed", "overlap_com"),
     ("phases.0.deepspeed", {"zero_optimisation": {"stage": 2}}, "stage 'pre' deepspeed", "unknown top-level DeepSpeed key 'zero_optimisation'"),
-    ("phases.0.micro_batch", 0, "phases[0].micro_batch", "greater than or equal to 1"),
+    ("phases.0.micro_batch", 0, "phases[0].micro_batch", "a whole number >= 1, or auto"),
+    ("phases.0.micro_batch", "largest", "phases[0].micro_batch", "a whole number >= 1, or auto"),
+    ("phases.0.micro_batch", "auto", "phases[0]", "micro_batch auto keeps the global batch while it picks the micro batch: set global_batch"),
+    ("phases.0.fast", "fastest", "phases[0].fast", "auto, off, or a mapping of parts"),
+    ("phases.0.fast", {"compyle": True}, "phases[0].fast", "compyle: Extra inputs are not permitted"),
+    ("phases.0.fast", {"attention": "xformers"}, "phases[0].fast", "attention: Input should be 'auto', 'sdpa', 'flash' or 'eager'"),
 ]
 
 

@@ -83,12 +83,14 @@ def _generate(module: torch.nn.Module, rows: list[list[int]], config: Generation
     return [tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens for tokens in new]
 
 
-def eval_metrics(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], primary: str, tokenizer, settings: TrainSettings) -> dict[str, float]:
-    """eval/loss and eval/ppl on the stage's primary data set; lm_* and sft_* per set; the task
-    metrics (eval/exact_match, eval/bleu, ...) on fine-tune data."""
+def eval_metrics(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], primary: str, tokenizer, settings: TrainSettings,
+                 micro_batch: int) -> dict[str, float]:
+    """eval/loss and eval/ppl on the stage's primary data set (held-out rows in batches of
+    micro_batch); lm_* and sft_* per set; the task metrics (eval/exact_match, eval/bleu, ...) on
+    fine-tune data."""
     metrics: dict[str, float] = {}
     for kind, data in sets.items():
-        loss = held_out_loss(strategy, data, settings.micro_batch, settings.eval_batches)
+        loss = held_out_loss(strategy, data, micro_batch, settings.eval_batches)
         prefix = "lm" if kind == "pretrain" else "sft"
         metrics[f"eval/{prefix}_loss"] = loss
         metrics[f"eval/{prefix}_ppl"] = math.exp(min(loss, 50.0))

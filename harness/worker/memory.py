@@ -32,7 +32,7 @@ def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any)
     parameter storage after the model is built). Atomic; every milestone's figures are kept
     under `milestones`, the newest also at the top level."""
     path = stage_dir.rank_memory(rank)
-    peak, current = _rss_bytes()
+    peak, current = rss_bytes()
     try:
         milestones = MemoryRecord.read(path).milestones
     except InvalidRecord:
@@ -79,8 +79,8 @@ def reset_peak() -> None:
         pass
 
 
-def _rss_bytes() -> tuple[int, int]:
-    """(peak RSS, current RSS) of this process, in bytes."""
+def rss_bytes() -> tuple[int, int]:
+    """(peak RSS since the stage began or the last reset_peak, current RSS) of this process, in bytes."""
     fields = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -96,10 +96,16 @@ def _rss_bytes() -> tuple[int, int]:
 
 
 def _host_memory_bytes() -> int | None:
+    return meminfo_bytes("MemTotal")
+
+
+def meminfo_bytes(key: str) -> int | None:
+    """A /proc/meminfo figure in bytes (MemTotal, MemAvailable, ...); None where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+

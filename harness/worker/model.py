@@ -2,7 +2,6 @@
 a byte-level tokenizer that needs no download, and the Hugging Face save."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -64,29 +63,25 @@ def give_chat_template(tokenizer) -> None:
 
 def prepare_for_data(model: torch.nn.Module, tokenizer, stage: Stage) -> None:
     """Fit the model and tokenizer to the stage's fine-tune data: its chat template (see
-    give_chat_template) and, for packed rows, attention that keeps them apart (keep_packed_rows_apart;
-    flash attention on GPU with flash-attn installed and bf16/fp16)."""
+    give_chat_template) and, for packed rows, forwards that keep them apart (keep_packed_rows_apart;
+    the attention kernel is the fast path's, harness/worker/fast.py)."""
     spec = stage.data.finetune
     if spec is None:
         return
     if uses_template(spec):
         give_chat_template(tokenizer)
-    if spec.packing:
-        flash = stage.accelerator == "cuda" and stage.precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None
-        keep_packed_rows_apart(model, flash)
+    if stage.data.packs_rows:
+        keep_packed_rows_apart(model)
 
 
-def keep_packed_rows_apart(model: torch.nn.Module, flash: bool) -> None:
+def keep_packed_rows_apart(model: torch.nn.Module) -> None:
     """Packed rows (harness/worker/data.py: one sequence per micro batch, position_ids restarting at
     0 per row, no attention mask) must not attend to each other. transformers 5.23 derives a
     block-diagonal mask from position_ids only when no KV cache is passed, and creates one on every
     forward while config.use_cache is on (rows then attend across the boundary: measured), so the
-    model's forwards run without one (the saved config keeps use_cache). flash: flash attention's
-    variable-length path instead of a mask (transformers' padding-free path: a batch of one, the
-    rows found from position_ids)."""
+    model's forwards run without one (the saved config keeps use_cache). Flash attention 2 (fast
+    path, CUDA) finds the rows from position_ids instead: transformers' padding-free path."""
     model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "use_cache": False}), with_kwargs=True)
-    if flash:
-        model.set_attn_implementation("flash_attention_2")
 
 
 def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None, load_weights: bool = True) -> torch.nn.Module:

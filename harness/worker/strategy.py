@@ -99,10 +99,19 @@ class DeepSpeedStrategy:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def train_micro_step(self, batch: dict[str, torch.Tensor], extra_loss=None) -> torch.Tensor:
-        """Forward and backward of one micro batch; returns the LM loss (without penalties)."""
+    def set_batch(self, micro_batch: int, grad_accum: int) -> None:
+        """The micro batch and accumulation steps of the next engine (micro_batch auto's probe and
+        its choice); transformers' ZeRO-3 switch is made again from the new config."""
+        self.ds_config = {**self.ds_config, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+                          "train_batch_size": micro_batch * grad_accum * self.world_size}
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+
+    def train_micro_step(self, batch: dict[str, torch.Tensor], extra_loss=None, forward_guard=None) -> torch.Tensor:
+        """Forward and backward of one micro batch; returns the LM loss (without penalties).
+        forward_guard(forward) runs the forward (FastPath.first_forward: the first compiled one)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss = self.engine(**batch).loss
+        forward = lambda: self.engine(**batch).loss  # noqa: E731
+        loss = forward() if forward_guard is None else forward_guard(forward)
         extra = extra_loss() if extra_loss is not None else None
         self.engine.backward(loss if extra is None else loss + extra)
         return loss.detach()

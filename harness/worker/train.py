@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,8 +22,10 @@ from harness.exit_codes import PREEMPTED
 from harness.stages import Stage
 from harness.token_store import stage_stores
 from harness.worker.data import SampleStream, TokenizedSet, micro_batch_position, open_set, token_count
+from harness.worker.batch_probe import batch_shape
 from harness.worker.evaluate import eval_metrics
-from harness.records import Progress, StageFile
+from harness.records import BatchRecord, Progress, StageFile
+from harness.worker.fast import FastPath
 from harness.worker.faults import fault_point
 from harness.worker.handoff import Checkpointer, start_point, write_rank_file
 from harness.worker.memory import record_exit, record_memory, reset_peak, watch_end
@@ -103,6 +106,15 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
 
     start = start_point(stage, spec.start, previous, verify_files=previous != previous_in_launch)
     tokenizer = build_tokenizer(stage.model, start.weights_dir)
+    fast = FastPath(stage, strategy.is_rank0)
+
+    def probe_model():  # micro_batch auto's throwaway engine: the stage's architecture, weights not read
+        model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=False)
+        prepare_for_data(model, tokenizer, stage)
+        FastPath(stage, is_rank0=False).prepare_model(model)
+        return model
+
+    batch = batch_shape(stage, stage_dir, strategy, probe_model)
     record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
     # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
     # no need to read them. A consolidated resume builds the model from the tag's fp32 weights.
@@ -112,17 +124,24 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
         from_checkpoint = start.checkpoint is not None or resume.mode != "fresh"
         model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
     prepare_for_data(model, tokenizer, stage)
+    fast.prepare_model(model)
     record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
     sets = load_sets(stage, tokenizer)
     strategy.setup(model)
+    fast.compile(strategy.engine)
     record_memory(stage_dir, strategy.rank, "initialized")
     checkpointer = Checkpointer(stage, stage_dir, strategy)
     progress = checkpointer.restore(start, resume)
     regularizer = make_regularizer(stage.settings.regularization, strategy)
     monitor = start_monitor(stage, run, stage_dir, model) if strategy.is_rank0 else NullMonitor()
     metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
+
+    def evaluate() -> dict[str, float]:
+        with fast.eager():
+            return eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings, batch.micro_batch)
+
     try:
-        last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, tokenizer, stop, regularizer)
+        last_eval = train(stage, strategy, sets, progress, checkpointer, metrics, evaluate, stop, regularizer, batch, fast)
     except BaseException:
         metrics.close()
         raise
@@ -130,9 +149,9 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
         metrics.close()
         return PREEMPTED
     if not last_eval:  # resumed at its last step (the handoff was lost): evaluate what is handed over
-        last_eval = eval_metrics(strategy, sets, _primary(stage), tokenizer, stage.settings)
+        last_eval = evaluate()
     extra = {"engine_optimizer": type(strategy.base_optimizer).__name__, "wandb_run_id": monitor.run_id, "regularization": regularizer.values(),
-             "trainable": checkpointer.trainable_record()}
+             "trainable": checkpointer.trainable_record(), "fast": fast.record(), "batch": batch}
     checkpointer.save_handoff(progress, last_eval, model, tokenizer, extra)
     record_memory(stage_dir, strategy.rank, "end", **strategy.device_memory())
     monitor.log_model(stage_dir.model)
@@ -149,18 +168,19 @@ def load_sets(stage: Stage, tokenizer) -> dict[str, TokenizedSet]:
     return {kind: open_set(request, s.seq_len, s.seed, tokenizer.pad_token_id) for kind, request in stage_stores(stage).items()}
 
 
-def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], progress: Progress,
-          checkpointer: Checkpointer, metrics, tokenizer, stop: StopRequest, regularizer: NoRegularizer) -> dict[str, float] | None:
+def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], progress: Progress, checkpointer: Checkpointer, metrics,
+          evaluate: Callable[[], dict[str, float]], stop: StopRequest, regularizer: NoRegularizer, batch_shape: BatchRecord,
+          fast: FastPath) -> dict[str, float] | None:
     """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
     s = stage.settings
     streams = {kind: SampleStream(data, s.seed) for kind, data in sets.items()}
-    primary = _primary(stage)
+    micro, grad_accum = batch_shape.micro_batch, batch_shape.grad_accum
     last_eval: dict[str, float] = {}
     bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=f"[harness] {stage.name}", disable=not strategy.is_rank0,
                file=BarOutput(sys.stdout), dynamic_ncols=False, ncols=110, mininterval=1.0)
     if s.eval_on_start and progress.stage_step == 0:
         metrics.log({"stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type, "global_step": progress.global_step,
-                     "stage_step": 0, **eval_metrics(strategy, sets, primary, tokenizer, s)})
+                     "stage_step": 0, **evaluate()})
     while progress.stage_step < stage.steps:
         step = progress.stage_step + 1
         source = stage.data.source_at(step)
@@ -168,10 +188,10 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
         started = time.perf_counter()
         first = progress.data_position.get(data.key, 0)
         loss_sum, tokens = 0.0, 0
-        for accum_index in range(stage.grad_accum):
-            position = micro_batch_position(first, s.micro_batch, accum_index, strategy.rank, strategy.world_size)
-            batch = streams[source].batch(position, s.micro_batch)
-            loss_sum = loss_sum + strategy.train_micro_step(batch, regularizer.loss_term)
+        for accum_index in range(grad_accum):
+            position = micro_batch_position(first, micro, accum_index, strategy.rank, strategy.world_size)
+            batch = streams[source].batch(position, micro)
+            loss_sum = loss_sum + strategy.train_micro_step(batch, regularizer.loss_term, fast.first_forward)
             tokens += token_count(batch)
         regularizer.apply_to_gradients()
         lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
@@ -187,7 +207,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
         row = {
             "stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type,
             "global_step": progress.global_step, "stage_step": step, "data": source,
-            "train/loss": loss_sum / (stage.grad_accum * strategy.world_size),
+            "train/loss": loss_sum / (grad_accum * strategy.world_size),
             "train/lr": lr,
             "train/grad_norm": strategy.grad_norm(),
             "train/tokens_per_s": tokens / elapsed,
@@ -195,7 +215,7 @@ def train(stage: Stage, strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSe
             **regularizer.last,
         }
         if step % s.eval_every == 0 or step == stage.steps:
-            last_eval = eval_metrics(strategy, sets, primary, tokenizer, s)
+            last_eval = evaluate()
             row.update(last_eval)
         if step % s.log_every == 0 or step == stage.steps or "eval/loss" in row:
             metrics.log(row)
