@@ -69,6 +69,19 @@ def random_llama_folder(name: str, shape: dict[str, Any]) -> Path:
     return folder
 
 
+def fast_setting(text: str) -> str | dict[str, Any]:
+    """--fast as the plan takes it: auto, off, or parts separated by commas (compile,liger,flash)."""
+    if text in ("auto", "off"):
+        return text
+    parts: dict[str, Any] = {}
+    for part in text.split(","):
+        if part in ("sdpa", "flash", "eager"):
+            parts["attention"] = part
+        else:
+            parts[part] = True
+    return parts
+
+
 def write_plan(folder: Path, name: str, args, phases: list[dict[str, Any]], port: int, transitions: str = "swap") -> Path:
     """A plan with one or more phases (pretrain unless a phase says otherwise) on the bench's model,
     data and ranks. Eval and checkpoints happen only at each phase's end (eval: one batch)."""
@@ -79,7 +92,7 @@ def write_plan(folder: Path, name: str, args, phases: list[dict[str, Any]], port
                     "transitions": transitions},
         "wandb": {"mode": "disabled"},
         "defaults": {
-            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "zero_stage": args.zero,
+            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "zero_stage": args.zero, "fast": fast_setting(getattr(args, "fast", "auto")),
             "eval_every": 1_000_000, "checkpoint_every": 1_000_000, "eval_batches": 1, "log_every": 1,
             "optimizer": {"type": "AdamW", "lr": 1e-4}, "scheduler": {"type": "WarmupLR", "warmup_ratio": 0.1},
         },
@@ -248,6 +261,7 @@ def add_common_args(parser) -> None:
     parser.add_argument("--micro-batch", type=int, default=None, help="default: 8 on cpu, 16 on cuda")
     parser.add_argument("--seq-len", type=int, default=None, help="default: 128 on cpu, 1024 on cuda")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--fast", default="auto", help="the harness side's fast setting: auto, off, or parts, e.g. compile,liger,flash")
 
 
 def fill_defaults(args) -> None:

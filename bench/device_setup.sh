@@ -14,3 +14,5 @@ for name in ('torch', 'deepspeed', 'transformers', 'tokenizers', 'datasets', 'py
     m = importlib.import_module(name); print(name, getattr(m, '__version__', '?'))
 import harness.worker.train, harness.orchestrator; print('harness imports ok')
 " || return 1
+# Optional: liger-kernel (fast: {liger: true}); the GPU image's torch brings triton. Without it, liger falls back with a warning.
+python3 -c "import liger_kernel.transformers; print('liger-kernel ok')" 2>/dev/null || echo "liger-kernel not carried: fast liger falls back"

@@ -76,7 +76,9 @@ def main() -> None:
         loss_value = loss.item()
         elapsed = time.perf_counter() - started
         if log:
-            log.write(json.dumps({"stage_step": step, "train/loss": loss_value, "train/tokens_per_s": tokens_per_step / elapsed, "params": params}) + "\n")
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            log.write(json.dumps({"stage_step": step, "train/loss": loss_value, "train/tokens_per_s": tokens_per_step / elapsed, "params": params,
+                                  "gpu_peak_bytes": peak}) + "\n")
             log.flush()
     dist.barrier()
     os._exit(0)  # as the worker does: skip interpreter teardown (DESIGN.md: rare exit 250 otherwise)

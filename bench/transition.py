@@ -1,7 +1,8 @@
 """Stage transition time (end of stage 1's last step -> stage 2's first step), split into parts,
 for both ways a stage can start: swapping the engine inside the running ranks (the default,
-cluster.transitions: swap) and a relaunch (cluster.transitions: relaunch); beside a bare
-relaunch of the same launcher (the baseline), all in the same run, alternated per round.
+cluster.transitions: swap) and a relaunch (cluster.transitions: relaunch); a swap with both
+stages compiled (fast: {compile: true}), whose first step then traces and compiles the model;
+beside a bare relaunch of the same launcher (the baseline), all in the same run, alternated per round.
 
 Each round runs a two-stage plan with `python -m harness.cli run` (both stages alike, so
 stage 2 takes the full_state path: DeepSpeed checkpoint with optimizer moments), once per way,
@@ -33,7 +34,9 @@ from pathlib import Path
 import common
 from common import BENCH, FileClock, RunDir, StageDir, fill_defaults, launch_like_stage, run_harness, write_plan
 
-WAYS = ("swap", "relaunch")
+WAYS = ("swap", "relaunch", "swap+compile")
+COMPILED = {"swap+compile": {"compile": True}}
+"""The fast setting of both stages per way (the others take --fast)."""
 # (name, what it covers) in time order; each part ends at the next moment of the docstring.
 PARTS = [
     ("save: DeepSpeed checkpoint", "engine.save_checkpoint, file checksums"),
@@ -89,8 +92,9 @@ def main() -> None:
         result = {"round": r}
         for k, way in enumerate(WAYS if r % 2 else reversed(WAYS)):
             folder = work / f"{way}-r{r}"
-            plan = write_plan(folder, "bench-transition", args, [{"name": "first", "steps": args.steps}, {"name": "second", "steps": args.steps}],
-                              port=29500 + 40 * r + 10 * k, transitions=way)
+            fast = {"fast": COMPILED[way]} if way in COMPILED else {}
+            plan = write_plan(folder, "bench-transition", args, [{"name": "first", "steps": args.steps, **fast}, {"name": "second", "steps": args.steps, **fast}],
+                              port=29500 + 40 * r + 10 * k, transitions=way.split("+")[0])
             run = RunDir(folder / "run")
             first, second = run.stage(0, "first"), run.stage(1, "second")
             with FileClock(watched(first, second)) as clock:
@@ -117,12 +121,14 @@ def main() -> None:
     total_bare = sum(bare.values())
     rows = [[name, *(f"{ways[way][name]:.2f}" for way in WAYS), what] for name, what in PARTS]
     rows += [["total", *(f"{totals[way]:.2f}" for way in WAYS), f"{rounds[0]['load_mode']}, checkpoint {rounds[0]['checkpoint_bytes'] / 1e6:,.0f} MB"]]
-    rows += [[f"bare: {name}", f"{value:.2f}", "", "noop_rank.py"] for name, value in bare.items()]
-    rows += [["bare relaunch total", f"{total_bare:.2f}", "", "launcher start -> launcher exit"]]
+    rows += [[f"bare: {name}", f"{value:.2f}", "", "", "noop_rank.py"] for name, value in bare.items()]
+    rows += [["bare relaunch total", f"{total_bare:.2f}", "", "", "launcher start -> launcher exit"]]
     print()
-    print(common.table(["part", "swap s", "relaunch s", "covers"], rows))
+    print(common.table(["part", *(f"{way} s" for way in WAYS), "covers"], rows))
+    compile_cost = ways["swap+compile"]["first step"] - ways["swap"]["first step"]
     summary = {"ways": ways, "bare": bare, "totals_s": totals, "bare_total_s": total_bare,
-               "ratio_to_bare": {way: totals[way] / total_bare for way in WAYS}}
+               "ratio_to_bare": {way: totals[way] / total_bare for way in WAYS}, "compile_first_step_cost_s": compile_cost}
+    print(f"\ncompilation's cost at the start of a stage (first step compiled - eager): {compile_cost:.2f} s")
     path = common.save_results("transition", {"settings": vars(args), "rounds": rounds, "summary": summary, "work_dir": str(work)})
     print("\n" + ";  ".join(f"{way} / bare relaunch = {summary['ratio_to_bare'][way]:.2f}" for way in WAYS) + f";  results: {path}")
 

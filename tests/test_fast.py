@@ -19,9 +19,10 @@ from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric
 from harness.ds_config import get_train_ds_config
 from harness.fast import micro_batch_candidates
 from harness.plan import BUILTIN_CONFIGS, PlanError, parse_plan
-from harness.records import ProbeTry
+from harness.layout import StageDir
+from harness.records import BatchRecord, ProbeTry
 from harness.stages import expand_stages
-from harness.worker.batch_probe import next_try
+from harness.worker.batch_probe import batch_shape, next_try, recorded_choice
 
 GB = 10**9
 
@@ -92,6 +93,16 @@ def test_probe_jumps_to_the_largest_micro_batch_predicted_to_fit():
     # out of GPU memory: the probe stops there (the smallest candidate is then used)
     assert probe_with(lambda m: None, candidates, 40 * GB) == [1]
     assert probe_with(linear, candidates, 10 * GB) == [1]
+
+
+def test_a_resumed_stage_keeps_the_micro_batch_its_probe_chose(tmp_path: Path):
+    stage = stage_of(pretrain_phase("p", micro_batch="auto", global_batch=16))
+    stage_dir = StageDir(tmp_path)
+    BatchRecord(micro_batch=4, grad_accum=2, global_batch=16, world_size=2, chosen_by="probe").write(stage_dir.micro_batch)
+    record = batch_shape(stage, stage_dir, strategy=None, build_model=None)  # no probe: nothing to build
+    assert (record.micro_batch, record.grad_accum, record.chosen_by) == (4, 2, "recorded")
+    # another global batch (the plan changed before the stage ran again): the record does not fit, probe again
+    assert recorded_choice(stage_of(pretrain_phase("p", micro_batch="auto", global_batch=32)), stage_dir) is None
 
 
 def test_compiled_stage_matches_eager_and_hands_off(tmp_path: Path):

@@ -34,7 +34,7 @@ def batch_shape(stage: Stage, stage_dir: StageDir, strategy: DeepSpeedStrategy, 
     if not stage.micro_batch_candidates:
         return BatchRecord(micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, global_batch=stage.global_batch,
                            world_size=stage.world_size, chosen_by="plan")
-    recorded = _recorded(stage, stage_dir)
+    recorded = recorded_choice(stage, stage_dir)
     if recorded is not None:
         return recorded
     record = probe(stage, strategy, build_model)
@@ -46,7 +46,7 @@ def batch_shape(stage: Stage, stage_dir: StageDir, strategy: DeepSpeedStrategy, 
     return record
 
 
-def _recorded(stage: Stage, stage_dir: StageDir) -> BatchRecord | None:
+def recorded_choice(stage: Stage, stage_dir: StageDir) -> BatchRecord | None:
     """An earlier attempt's choice, if it still fits the stage (same global batch and world size):
     a resumed stage goes on with the batch layout it began with."""
     try:
