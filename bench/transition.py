@@ -1,8 +1,10 @@
 """Stage transition time (end of stage 1's last step -> stage 2's first step), split into parts,
 for both ways a stage can start: swapping the engine inside the running ranks (the default,
-cluster.transitions: swap) and a relaunch (cluster.transitions: relaunch); a swap with both
-stages compiled (fast: {compile: true}), whose first step then traces and compiles the model;
-beside a bare relaunch of the same launcher (the baseline), all in the same run, alternated per round.
+cluster.transitions: swap) and a relaunch (cluster.transitions: relaunch), each also with both
+stages compiled (fast: {compile: true}); beside a bare relaunch of the same launcher (the
+baseline), all in the same run, alternated per round. Compilation's cost is the first step's:
+stage 1's (the launch's first compiled forward) and stage 2's (after a swap dynamo reuses what the
+process compiled for stage 1; after a relaunch inductor's on-disk cache is warm).
 
 Each round runs a two-stage plan with `python -m harness.cli run` (both stages alike, so
 stage 2 takes the full_state path: DeepSpeed checkpoint with optimizer moments), once per way,
@@ -34,8 +36,8 @@ from pathlib import Path
 import common
 from common import BENCH, FileClock, RunDir, StageDir, fill_defaults, launch_like_stage, run_harness, write_plan
 
-WAYS = ("swap", "relaunch", "swap+compile")
-COMPILED = {"swap+compile": {"compile": True}}
+WAYS = ("swap", "relaunch", "swap+compile", "relaunch+compile")
+COMPILED = {"swap+compile": {"compile": True}, "relaunch+compile": {"compile": True}}
 """The fast setting of both stages per way (the others take --fast)."""
 # (name, what it covers) in time order; each part ends at the next moment of the docstring.
 PARTS = [
@@ -67,6 +69,12 @@ def transition_parts(first: StageDir, second: StageDir, clock: FileClock) -> dic
     return {name: end - start for (name, _), start, end in zip(PARTS, marks, marks[1:])}
 
 
+def first_step_seconds(stage: StageDir) -> float:
+    """The stage's first step, from its metrics row (its samples / samples per second)."""
+    row = json.loads(stage.metrics.read_text().splitlines()[0])
+    return json.loads(stage.stage_json.read_text())["stage"]["global_batch"] / row["train/samples_per_s"]
+
+
 def bare_parts(start: float, end: float, stamps: dict[str, float]) -> dict[str, float]:
     """Seconds per part of a bare relaunch (noop_rank.py)."""
     return {
@@ -94,12 +102,13 @@ def main() -> None:
             folder = work / f"{way}-r{r}"
             fast = {"fast": COMPILED[way]} if way in COMPILED else {}
             plan = write_plan(folder, "bench-transition", args, [{"name": "first", "steps": args.steps, **fast}, {"name": "second", "steps": args.steps, **fast}],
-                              port=29500 + 40 * r + 10 * k, transitions=way.split("+")[0])
+                              port=29500 + 50 * r + 10 * k, transitions=way.split("+")[0])
             run = RunDir(folder / "run")
             first, second = run.stage(0, "first"), run.stage(1, "second")
             with FileClock(watched(first, second)) as clock:
                 run_harness(plan, run.root)
             result[way] = transition_parts(first, second, clock)
+            result[f"{way} stage 1 first step"] = first_step_seconds(first)
             result["load_mode"] = json.loads(second.manifest.read_text())["load"]["mode"]
             result["checkpoint_bytes"] = sum(p.stat().st_size for p in first.checkpoints.rglob("*") if p.is_file())
         bare_dir = work / f"bare-r{r}"
@@ -121,14 +130,16 @@ def main() -> None:
     total_bare = sum(bare.values())
     rows = [[name, *(f"{ways[way][name]:.2f}" for way in WAYS), what] for name, what in PARTS]
     rows += [["total", *(f"{totals[way]:.2f}" for way in WAYS), f"{rounds[0]['load_mode']}, checkpoint {rounds[0]['checkpoint_bytes'] / 1e6:,.0f} MB"]]
-    rows += [[f"bare: {name}", f"{value:.2f}", "", "", "noop_rank.py"] for name, value in bare.items()]
-    rows += [["bare relaunch total", f"{total_bare:.2f}", "", "", "launcher start -> launcher exit"]]
+    rows += [[f"bare: {name}", f"{value:.2f}", "", "", "", "noop_rank.py"] for name, value in bare.items()]
+    rows += [["bare relaunch total", f"{total_bare:.2f}", "", "", "", "launcher start -> launcher exit"]]
     print()
     print(common.table(["part", *(f"{way} s" for way in WAYS), "covers"], rows))
-    compile_cost = ways["swap+compile"]["first step"] - ways["swap"]["first step"]
+    first_steps = {way: {"stage 1": statistics.mean(x[f"{way} stage 1 first step"] for x in rounds), "stage 2": ways[way]["first step"]} for way in WAYS}
+    compile_cost = {f"{way}, {stage}": first_steps[f"{way}+compile"][stage] - first_steps[way][stage]
+                    for way in ("swap", "relaunch") for stage in ("stage 1", "stage 2")}
     summary = {"ways": ways, "bare": bare, "totals_s": totals, "bare_total_s": total_bare,
-               "ratio_to_bare": {way: totals[way] / total_bare for way in WAYS}, "compile_first_step_cost_s": compile_cost}
-    print(f"\ncompilation's cost at the start of a stage (first step compiled - eager): {compile_cost:.2f} s")
+               "ratio_to_bare": {way: totals[way] / total_bare for way in WAYS}, "first_step_s": first_steps, "compile_cost_s": compile_cost}
+    print("\ncompilation's cost, first step compiled - eager: " + ";  ".join(f"{where} {cost:.2f} s" for where, cost in compile_cost.items()))
     path = common.save_results("transition", {"settings": vars(args), "rounds": rounds, "summary": summary, "work_dir": str(work)})
     print("\n" + ";  ".join(f"{way} / bare relaunch = {summary['ratio_to_bare'][way]:.2f}" for way in WAYS) + f";  results: {path}")
 
