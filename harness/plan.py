@@ -383,7 +383,9 @@ class FastParts(Strict):
 
     compile: bool = False
     """torch.compile of the model through DeepSpeed's engine.compile() (inductor). Its cost is the
-    first step of every stage (bench/transition.py); weights, checkpoints and handoff are unchanged."""
+    first step of a launch's first compiled stage; a swapped-in stage of the same shapes reuses the
+    graphs, a relaunched one compiles again (bench/transition.py). Weights, checkpoints and handoff
+    are unchanged."""
     deepcompile: bool = False
     """DeepSpeed's DeepCompile (`"compile": {"deepcompile": true}`, then engine.compile()): ZeRO's
     communication scheduled inside the compiled graph. CUDA only; implies compile."""

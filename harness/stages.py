@@ -125,6 +125,7 @@ class Stage(Strict):
     def optimizer_type(self) -> str:
         return self.settings.optimizer.type
 
+
 RowCounter = Callable[[DataSpec], int]
 ParamLister = Callable[[], ParamTable]
 
@@ -237,11 +238,10 @@ def _resolve(
         raise _StageProblem(procs_field, procs, f"at most {local_gpus}, the GPUs `nvidia-smi -L` lists on this machine (a local launch runs one rank per GPU)")
     world = nodes * procs
     candidates = []
-    if settings.micro_batch == "auto":
-        global_batch = settings.global_batch  # set: the plan requires it with micro_batch auto
-        if global_batch % world:
-            raise _StageProblem("global_batch", global_batch, f"a multiple of the world size ({world}) with micro_batch auto")
-        candidates = fast.micro_batch_candidates(global_batch, world)
+    if settings.micro_batch == "auto":  # the plan requires global_batch with it
+        if settings.global_batch % world:
+            raise _StageProblem("global_batch", settings.global_batch, f"a multiple of the world size ({world}) with micro_batch auto")
+        candidates = fast.micro_batch_candidates(settings.global_batch, world)
     micro_batch = candidates[-1] if candidates else settings.micro_batch
     per_step = micro_batch * world
     global_batch = settings.global_batch or per_step

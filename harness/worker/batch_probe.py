@@ -30,7 +30,8 @@ the allocator's fragmentation, eval and the handoff."""
 
 def batch_shape(stage: Stage, stage_dir: StageDir, strategy: DeepSpeedStrategy, build_model: Callable[[], torch.nn.Module]) -> BatchRecord:
     """The stage's micro batch and accumulation: the plan's; for micro_batch auto the one recorded
-    by an earlier attempt of the stage, else the probe's (written to micro_batch.json). Collective."""
+    by an earlier attempt of the stage, else the probe's (written to micro_batch.json). Collective.
+    build_model: the stage's model, fitted to its data; the probe adds the fast path's parts."""
     if not stage.micro_batch_candidates:
         return BatchRecord(micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, global_batch=stage.global_batch,
                            world_size=stage.world_size, chosen_by="plan")
@@ -66,9 +67,10 @@ def probe(stage: Stage, strategy: DeepSpeedStrategy, build_model: Callable[[], t
     cuda = strategy.device.type == "cuda"
     budget = min(strategy.all_gather_object(_budget_bytes(stage, cuda)))
     strategy.set_batch(candidates[-1], 1)
-    model = build_model()
-    strategy.setup(model)
     fast = FastPath(stage, is_rank0=False)  # quiet: the stage itself reports its fast path
+    model = build_model()
+    fast.prepare_model(model)
+    strategy.setup(model)
     fast.compile(strategy.engine)
     tries: list[ProbeTry] = []
     while (micro := next_try(candidates, tries, budget)) is not None:

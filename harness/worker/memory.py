@@ -108,4 +108,3 @@ def meminfo_bytes(key: str) -> int | None:
     except OSError:
         pass
     return None
-

@@ -111,7 +111,6 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
     def probe_model():  # micro_batch auto's throwaway engine: the stage's architecture, weights not read
         model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=False)
         prepare_for_data(model, tokenizer, stage)
-        FastPath(stage, is_rank0=False).prepare_model(model)
         return model
 
     batch = batch_shape(stage, stage_dir, strategy, probe_model)
