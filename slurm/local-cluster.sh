@@ -234,20 +234,18 @@ EOF
   /usr/sbin/sshd -f "$S/sshd_config" -E "$S/sshd.log" \
     || die "sshd did not start (port $SSH_PORT on 127.0.0.x taken? see $S/sshd.log; try SSH_PORT=...)"
   for _ in $(seq 50); do ssh "127.0.0.$n" true 2>/dev/null && break; sleep 0.1; done
-  # One login at a time first: the machine's shell start-up may run `pyenv rehash`, which
-  # races with itself when pdsh opens several logins at once and prints errors that mean
-  # nothing about ssh.
-  local t
-  for t in $addrs$names; do ssh "$t" true >/dev/null 2>&1 || true; done
-  # every node answers through pdsh, by address and by slurm node name; what a login prints
-  # on stderr is shown only when a node did not answer
-  local targets="${addrs// /,}${names// /,}" out missing=""
+  # Every node answers through pdsh, by address and by slurm node name. Judged by the answers,
+  # not by silence: each login runs the machine's shell start-up, which may run `pyenv rehash`;
+  # concurrent logins race on its shim folder and print errors that mean nothing about ssh.
+  local targets="${addrs// /,}${names// /,}" out missing="" t
   out=$(PDSH_RCMD_TYPE=ssh pdsh -w "${targets%,}" echo harness-ssh-ok 2>"$S/pdsh-check.err") || true
   for t in $addrs$names; do
     grep -qx "$t: harness-ssh-ok" <<<"$out" || missing+=" $t"
   done
-  [ -z "$missing" ] || { echo "$out"; cat "$S/pdsh-check.err"; } >&2
-  [ -z "$missing" ] || die "pdsh over ssh failed: no answer from$missing"
+  if [ -n "$missing" ]; then
+    { echo "$out"; cat "$S/pdsh-check.err"; } >&2
+    die "pdsh over ssh failed: no answer from$missing"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------
