@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import threading
@@ -34,8 +33,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/harness-test-torch-ext")
 os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(REPO))
 
-from harness.layout import RunDir, StageDir  # noqa: E402  (paths only: the bench reads what the harness wrote)
-from harness.processes import free_port  # noqa: E402
+from harness.records import RunDir, StageDir  # noqa: E402  (paths only: the bench reads what the harness wrote)
+from harness.launch.command import deepspeed_binary, launcher_command  # noqa: E402
+from harness.launch.hosts import hostfile_path  # noqa: E402
+from harness.launch.processes import free_port  # noqa: E402
+from harness.stages import StageFile  # noqa: E402
 
 # ~370M-parameter Llama shape for GPU runs (random init, written once under bench/out).
 LLAMA_370M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816, vocab_size=32000)
@@ -115,14 +117,13 @@ def run_harness(plan: Path, out: Path) -> RunDir:
 
 # ---- launching a script like a stage -------------------------------------------------------
 def launch_like_stage(stage_dir: StageDir, script: Path, script_args: list[str], log: Path, port_from: int) -> tuple[float, float]:
-    """Run `script` under the exact `deepspeed` launcher argv (command.txt) and rank environment
+    """Run `script` under the `deepspeed` launcher argv (launcher_command) and rank environment
     (.deepspeed_env) that the harness used for `stage_dir`; only the master port and the program
     differ. Returns the wall times (start, end) of the launcher process."""
-    argv = shlex.split(stage_dir.command.read_text())
-    worker = argv.index("--module")  # ... --module harness.worker --stage S [--stage S2 ...]
-    assert argv[worker + 1] == "harness.worker", argv
-    argv = argv[:worker] + [str(script), *script_args]
-    argv[argv.index("--master_port") + 1] = str(free_port(port_from))  # a reused port stalls init (DESIGN.md)
+    stage = StageFile.read(stage_dir.stage_json).stage
+    port = free_port(port_from)  # a reused port stalls init (DESIGN.md)
+    argv = launcher_command(stage, [], stage.cluster.master_addr, port, deepspeed_binary(sys.executable), hostfile_path(stage, stage_dir),
+                            program=[str(script), *script_args])
     env_file = stage_dir.deepspeed_env
     rank_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line)
     env = {**os.environ, **rank_env, "DS_ENV_FILE": str(env_file)}

@@ -57,7 +57,7 @@ def main() -> None:
     model = build_model(stage.model, tokenizer, s.seed, None)
     params = sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=json.loads(args.ds_config.read_text()))
-    blocks = packed_blocks(tokenizer, stage.data.pretrain.files[0], s.seq_len)
+    blocks = packed_blocks(tokenizer, stage.data.sets["pretrain"].files[0], s.seq_len)
 
     micro, accum = stage.micro_batch, stage.grad_accum
     tokens_per_step = micro * accum * world * s.seq_len

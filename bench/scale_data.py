@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, FileClock, run_harness, save_results, table, work_dir, write_plan  # noqa: E402
 
-from harness.layout import RunDir, StageDir  # noqa: E402
-from harness.token_store import META, StoreMeta  # noqa: E402
+from harness.records import RunDir, StageDir  # noqa: E402
+from harness.records.token_store import META, StoreMeta  # noqa: E402
 
 
 def corpus(megabytes: int) -> Path:

@@ -15,18 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import make_plan, pretrain_phase  # noqa: E402
-from harness.ds_config import get_train_ds_config  # noqa: E402
+from harness.stages.ds_config import get_train_ds_config  # noqa: E402
 from harness.plan import BUILTIN_CONFIGS, parse_plan  # noqa: E402
-from harness.processes import free_port  # noqa: E402
+from harness.launch.processes import free_port  # noqa: E402
 from harness.stages import expand_stages  # noqa: E402
 from harness.worker.fast import FastPath  # noqa: E402
+from harness.worker.objectives import RANK_OBJECTIVES  # noqa: E402
 from harness.worker.model import build_model, byte_tokenizer  # noqa: E402
 from harness.worker.strategy import DeepSpeedStrategy, release_memory  # noqa: E402
 
 
 def first_loss(fast) -> tuple[float, dict]:
     plan = make_plan("fallback", [pretrain_phase("p", fast=fast, zero_stage=2)], port=29500, procs=1)
-    (stage,) = expand_stages(parse_plan(plan, REPO), "cpu", count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"])
+    (stage,) = expand_stages(parse_plan(plan, REPO), "cpu", count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"], wandb_mode="disabled")
     strategy = DeepSpeedStrategy(stage, get_train_ds_config(stage))
     tokenizer = byte_tokenizer()
     model = build_model(stage.model, tokenizer, stage.settings.seed, None)
@@ -35,7 +36,7 @@ def first_loss(fast) -> tuple[float, dict]:
     strategy.setup(model)
     path.compile(strategy.engine)
     ids = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
-    loss = float(strategy.train_micro_step({"input_ids": ids, "labels": ids}, forward_guard=path.first_forward))
+    loss = float(strategy.train_micro_step(RANK_OBJECTIVES["pretrain"].loss, {"input_ids": ids, "labels": ids}, forward_guard=path.first_forward)[0])
     record = path.record().model_dump()
     strategy.close()
     del model

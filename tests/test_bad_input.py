@@ -19,7 +19,7 @@ from test_ds_config import LLAMA_FACTORY_Z3, leaves
 from test_plan_errors import good_plan, multistep_phase, with_change
 
 from harness.plan import PlanError, parse_plan
-from harness.setup import prepare
+from harness.launch.setup import prepare
 
 
 def refused(tmp_path: Path, plan: dict, *expected: str, command: str = "plan", out: Path | None = None) -> str:

@@ -14,8 +14,8 @@ from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric
 from test_multistep import alive
 from test_resume import wait_for
 
-from harness.layout import RunDir, StageDir
-from harness.slurm import recorded_jobs
+from harness.records import RunDir, StageDir
+from harness.launch.slurm import recorded_jobs
 
 
 def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts: list[str], transitions: str = "swap") -> dict:

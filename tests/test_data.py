@@ -10,9 +10,11 @@ import pytest
 
 from harness.plan import DataSpec, MixSpec
 from harness.stages import StageData
-from harness.store_builder import build
-from harness.token_store import StoreRequest
-from harness.worker.data import IGNORE_INDEX, SampleStream, TokenizedSet, eval_batches, micro_batch_position, open_set
+from harness.jobs.store_builder import build
+from harness.stages.stores import store_request
+from harness.worker.objectives import open_data
+from harness.worker.objectives.finetune import eval_pairs
+from harness.worker.data import IGNORE_INDEX, SampleStream, TokenizedSet, eval_batches, micro_batch_position
 from harness.worker.model import byte_tokenizer
 
 
@@ -23,9 +25,9 @@ def tokenizer():
 
 def load_set(kind: str, spec: DataSpec, seq_len: int, seed: int, cache_dir) -> TokenizedSet:
     """Build the data set's token store (as the launch side does) and open it (as a rank does)."""
-    request = StoreRequest(kind=kind, data=spec, tokenizer="bytes", cache_dir=str(cache_dir), where="data")
+    request = store_request(kind, spec, "bytes", str(cache_dir), "data")
     build(request)
-    return open_set(request, seq_len, seed, byte_tokenizer().pad_token_id)
+    return open_data(request, seq_len, seed, byte_tokenizer().pad_token_id)
 
 
 def train_arrays(data: TokenizedSet) -> dict[str, np.ndarray]:
@@ -58,7 +60,7 @@ def test_finetune_loss_is_on_response_tokens_only(tmp_path, tokenizer):
         supervised = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
         assert supervised == response, "labels are the response and its end-of-sequence token, nothing else"
         assert (labels[mask == 0] == IGNORE_INDEX).all()
-    pairs = [(tokenizer.decode(p), tokenizer.decode(r)) for p, r in data.eval_pairs]
+    pairs = [(tokenizer.decode(p), tokenizer.decode(r)) for p, r in eval_pairs(data)]
     assert len(pairs) == 10 and all(p.startswith("q") and p.endswith("? ") and r.startswith("a") for p, r in pairs)
 
 
@@ -69,7 +71,7 @@ def test_held_out_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     first = load_set("finetune", spec, 16, 7, tmp_path / "c1")
     again = load_set("finetune", spec, 16, 7, tmp_path / "c2")
     other = load_set("finetune", spec, 16, 8, tmp_path / "c3")
-    assert first.eval_pairs == again.eval_pairs != other.eval_pairs
+    assert eval_pairs(first) == eval_pairs(again) != eval_pairs(other)
     train = {tuple(r) for r in train_arrays(first)["input_ids"]}
     assert not train & {tuple(r) for r in first.eval["input_ids"]}
 

@@ -13,7 +13,7 @@ def test_demo_trains_every_phase_kind_and_says_where_the_model_is(tmp_path):
     names = [d.name.split("-", 1)[1] for d in stage_dirs]
     assert names[:2] == ["pretrain", "finetune"] and all(n.startswith("refine.c") for n in names[2:]) and len(names) == 8
     records = [json.loads((d / "manifest.json").read_text()) for d in stage_dirs]
-    assert [(m["kind"], m["zero_stage"], m["world_size"]) for m in records[:2]] == [("pretrain", 2, 2), ("finetune", 3, 2)]
+    assert [(m["kind"], m["engine"]["zero_stage"], m["engine"]["world_size"]) for m in records[:2]] == [("pretrain", 2, 2), ("finetune", 3, 2)]
     assert {m["engine_optimizer"] for m in records[2:]} == {"SGD", "AdamW"}
     assert records[0]["eval"]["eval/loss"] < 4.0, "pretraining learned something: a byte model starts near ln(259) = 5.6"
     (before,) = [row for row in metric_rows(stage_dirs[1]) if row["stage_step"] == 0]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import harness, make_plan, metric_rows, pretrain_phase, write_plan
-from harness.layout import StageDir
-from harness.records import CheckpointRecord, Manifest, StageFile
+from harness.records import StageDir
+from harness.records import CheckpointRecord, Manifest
+from harness.stages import StageFile
 
 STEPS, GLOBAL_BATCH = 10, 8
 
@@ -70,7 +71,7 @@ def test_resume_at_another_world_size_reshards_the_checkpoint(tmp_path: Path, ze
     assert (resume.mode, resume.tag, resume.stage_step, resume.world_size) == ("universal", "step6", 6, after)
     assert resume.weights_digest == saved, "the weights after the universal load are the checkpoint's fp32 weights"
     assert resume.optimizer_state_carried, "Adam moments came with the universal checkpoint"
-    assert manifest.world_size == after and manifest.stage_steps == STEPS
+    assert manifest.engine.world_size == after and manifest.stage_steps == STEPS
     assert CheckpointRecord.read(stage.checkpoints / f"step{STEPS}" / "complete").engine.world_size == after
     assert_steps_once_and_data_continued(stage, manifest)
     assert not list(stage.checkpoints.glob("universal-*")), "the converted copy goes once the stage is done"
@@ -93,7 +94,7 @@ def test_other_engine_settings_continue_from_the_consolidated_weights(tmp_path: 
     assert not resume.optimizer_state_carried, "a fresh optimizer"
     rows = {row["stage_step"]: row for row in metric_rows(stage.root)}
     assert rows[7]["train/lr"] == pytest.approx(first_attempt_lr[7]), "the schedule went on from step 6, not from 0"
-    assert manifest.optimizer == "SGD" and manifest.zero_stage == 3
+    assert manifest.engine.optimizer == "SGD" and manifest.engine.zero_stage == 3
     assert_steps_once_and_data_continued(stage, manifest)
 
 

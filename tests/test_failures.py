@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_plan, pretrain_phase, write_plan
-from harness.failures import explain_exit, signal_of
-from harness.layout import StageDir
-from harness.records import CheckpointRecord, MemoryRecord, Progress, RankRecord, engine_settings, folder_checks
-from harness.setup import validated_stages
+from harness.launch.failures import explain_exit, signal_of
+from harness.records import StageDir
+from harness.records import CheckpointRecord, MemoryRecord, Progress, RankRecord, folder_checks
+from harness.stages import engine_identity
+from harness.launch.setup import validated_stages
 
 
 def wait_for(predicate, run: subprocess.Popen, timeout: float, what: str):
@@ -98,7 +99,7 @@ def test_preemption_keeps_the_resume_advice(stage, tmp_path: Path):
     tag = stage_dir.checkpoints / "step10"
     tag.mkdir(parents=True)
     (tag / "model_states.pt").write_bytes(b"weights")
-    CheckpointRecord(progress=Progress(stage_step=10), engine=engine_settings(stage), files=folder_checks(tag, tag)).write(tag / "complete")
+    CheckpointRecord(progress=Progress(stage_step=10), engine=engine_identity(stage), files=folder_checks(tag, tag)).write(tag / "complete")
 
     assert explain_exit(stage, stage_dir, 75) == (
         "stopped on request (preemption) after saving a checkpoint",

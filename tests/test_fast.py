@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
-from harness.ds_config import get_train_ds_config
-from harness.fast import micro_batch_candidates
+from harness.stages.ds_config import get_train_ds_config
+from harness.stages.fast import micro_batch_candidates
 from harness.plan import BUILTIN_CONFIGS, PlanError, parse_plan
-from harness.layout import StageDir
+from harness.records import StageDir
 from harness.records import BatchRecord, ProbeTry
 from harness.stages import expand_stages
 from harness.worker.batch_probe import batch_shape, next_try, recorded_choice
@@ -30,7 +30,7 @@ GB = 10**9
 def stage_of(phase: dict, accelerator: str = "cpu", procs: int = 2):
     plan = make_plan("t", [phase], port=29500, procs=procs)
     (stage,) = expand_stages(parse_plan(plan, REPO), accelerator, count_train_rows=lambda spec: 760,
-                             model_config=BUILTIN_CONFIGS["tiny-llama"])
+                             model_config=BUILTIN_CONFIGS["tiny-llama"], wandb_mode="disabled")
     return stage
 
 
@@ -61,7 +61,7 @@ def test_a_multistep_stage_overrides_parts_of_its_phase():
     plan = make_plan("t", [{"name": "m", "kind": "multistep", "fast": {"compile": True},
                             "data": {"pretrain": {"files": [str(REPO / "plans/data/pretrain.txt")]}, "finetune": {"files": [str(REPO / "plans/data/finetune.jsonl")]}},
                             "stages": [{"steps": 2}, {"steps": 2, "fast": {"compile": False}}, {"steps": 2, "fast": "off"}]}], port=29500)
-    stages = expand_stages(parse_plan(plan, REPO), "cpu", count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"])
+    stages = expand_stages(parse_plan(plan, REPO), "cpu", count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"], wandb_mode="disabled")
     assert [s.fast.compile for s in stages] == ["engine", "off", "off"]
 
 

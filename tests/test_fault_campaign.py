@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, finetune_phase, harness, make_plan, metric_rows, pretrain_phase, write_plan
-from harness.layout import StageDir
+from harness.records import StageDir
 from harness.records import Manifest, is_done, read_json_lines
 from test_resume import wait_for
 

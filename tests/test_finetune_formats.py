@@ -15,10 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DATA, FINETUNE_JSONL, TOKEN_CACHE, harness, make_plan, manifests, metric_rows, write_plan
-from harness.formats import BUILTIN_CHAT_TEMPLATE
+from harness.objectives.chat import BUILTIN_CHAT_TEMPLATE
 from harness.plan import DataSpec
-from harness.token_store import StoreRequest
-from harness.worker.data import SampleStream, micro_batch_position, open_set
+from harness.stages.stores import store_request
+from harness.worker.objectives import open_data
+from harness.worker.objectives.finetune import eval_pairs
+from harness.worker.data import SampleStream, micro_batch_position
 from harness.worker.model import byte_tokenizer
 
 SEED, MICRO, RANKS = 1234, 4, 2
@@ -61,9 +63,9 @@ def test_packed_stage_starts_with_the_loss_of_the_same_rows_padded(run):
     """Step 1 of the packed chat stage: every rank's micro batch of 4 rows, one sequence each; its
     train/loss is the mean of the ranks' losses, which the padded rows give on the weights the stage started from
     (measured: 6e-8 apart; with rows attending across, the same comparison on fresh weights was 6e-5 apart)."""
-    request = StoreRequest(kind="finetune", data=DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), tokenizer="bytes",
-                           cache_dir=TOKEN_CACHE, where="data")
-    data = open_set(request, 128, SEED, byte_tokenizer().pad_token_id)
+    request = store_request("finetune", DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), "bytes",
+                            TOKEN_CACHE, "data")
+    data = open_data(request, 128, SEED, byte_tokenizer().pad_token_id)
     stream = SampleStream(data, SEED)
     start = AutoModelForCausalLM.from_pretrained(stage_dir(run, "sharegpt") / "model", dtype=torch.float32).eval()
     losses = []
@@ -84,9 +86,9 @@ def test_the_template_trained_with_is_saved_with_the_model_and_renders_its_promp
     model = stage_dir(run, "chat") / "model"
     assert (model / "chat_template.jinja").read_text() == BUILTIN_CHAT_TEMPLATE
     tokenizer = AutoTokenizer.from_pretrained(model)
-    request = StoreRequest(kind="finetune", data=DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), tokenizer="bytes",
-                           cache_dir=TOKEN_CACHE, where="data")
-    pairs = open_set(request, 128, SEED, tokenizer.pad_token_id).eval_pairs
+    request = store_request("finetune", DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), "bytes",
+                            TOKEN_CACHE, "data")
+    pairs = eval_pairs(open_data(request, 128, SEED, tokenizer.pad_token_id))
     conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
     prompts = {tuple(tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, return_dict=False)) for c in conversations}
     assert all(tuple(prompt) in prompts for prompt, _ in pairs)

@@ -13,12 +13,17 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import DATA
-from harness.formats import BUILTIN_CHAT_TEMPLATE, messages_of
+from harness.objectives.chat import BUILTIN_CHAT_TEMPLATE, messages_of
 from harness.plan import DataSpec, ModelSpec
-from harness.store_builder import build
-from harness.token_store import StoreRequest, count_rows
-from harness.worker.data import IGNORE_INDEX, TokenizedSet, open_set
-from harness.worker.model import build_model, byte_tokenizer, give_chat_template, keep_packed_rows_apart
+from harness.jobs.store_builder import build
+from harness.stages.stores import store_request
+from harness.objectives import count_rows
+from harness.worker.objectives import open_data
+from harness.worker.objectives.finetune import eval_pairs
+from harness.worker.data import IGNORE_INDEX, TokenizedSet
+from harness.objectives.chat import give_chat_template
+from harness.worker.model import build_model, byte_tokenizer
+from harness.worker.objectives.finetune import keep_packed_rows_apart
 
 ALPACA_JSON, CHAT_JSONL, SHAREGPT_JSONL = DATA / "alpaca.json", DATA / "chat.jsonl", DATA / "sharegpt.jsonl"
 LONG = 512  # seq_len that cuts no row
@@ -31,9 +36,9 @@ def tokenizer():
 
 def open_rows(spec: DataSpec, cache: Path, tokenizer: str = "bytes", seq_len: int = LONG) -> TokenizedSet:
     """Build the store as the launch side does, open it as a rank does."""
-    request = StoreRequest(kind="finetune", data=spec, tokenizer=tokenizer, cache_dir=str(cache), where="data")
+    request = store_request("finetune", spec, tokenizer, str(cache), "data")
     build(request)
-    return open_set(request, seq_len, 0, byte_tokenizer().pad_token_id)
+    return open_data(request, seq_len, 0, byte_tokenizer().pad_token_id)
 
 
 def ids(text: str) -> list[int]:
@@ -73,11 +78,11 @@ def test_held_out_chat_pairs_are_the_conversation_up_to_the_last_assistant_turn_
     data = open_rows(DataSpec(files=[str(CHAT_JSONL)], rows="chat"), tmp_path)
     rows = [json.loads(line)["messages"] for line in CHAT_JSONL.read_text().splitlines()]
     give_chat_template(tokenizer)
-    for prompt, response in data.eval_pairs:
+    for prompt, response in eval_pairs(data):
         row = next(m for m in rows if ids(m[-1]["content"]) == response and
                    tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) == tokenizer.decode(prompt))
         assert tokenizer.decode(prompt).endswith(f"{row[-2]['content']}\n<|assistant|>\n")
-    assert len(data.eval_pairs) == 2
+    assert len(eval_pairs(data)) == 2
 
 
 def test_sharegpt_conversations_read_as_chat_messages(tmp_path, tokenizer):
@@ -112,7 +117,7 @@ def test_prompt_response_columns_are_configurable_and_trained_as_before(tmp_path
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"Q{k}? ", "answer": f"A{k}"}) + "\n" for k in range(20)))
     data = open_rows(DataSpec(files=[str(tmp_path / "qa.jsonl")], prompt_field="question", response_field="answer"), tmp_path / "c")
     assert row_labels(data, 3) == expected_labels([("Q3? ", False), ("A3", True), ("</s>", True)], tokenizer.eos_token_id)
-    assert all(tokenizer.decode(r).startswith("A") for _, r in data.eval_pairs), "the response, without its eos"
+    assert all(tokenizer.decode(r).startswith("A") for _, r in eval_pairs(data)), "the response, without its eos"
 
 
 def test_a_tokenizers_own_chat_template_renders_the_rows_and_closes_turns_its_way(tmp_path, tokenizer):
@@ -122,7 +127,7 @@ def test_a_tokenizers_own_chat_template_renders_the_rows_and_closes_turns_its_wa
     own = byte_tokenizer()
     own.chat_template = chatml
     own.save_pretrained(tmp_path / "tok")
-    data = open_rows(DataSpec(files=[str(SHAREGPT_JSONL)], rows="chat"), tmp_path / "c", tokenizer=str(tmp_path / "tok"))
+    data = open_rows(DataSpec(files=[str(SHAREGPT_JSONL)], rows="chat"), tmp_path / "c", str(tmp_path / "tok"))
     first = json.loads(SHAREGPT_JSONL.read_text().splitlines()[0])["conversations"]
     assert row_labels(data, 0) == expected_labels([(f"<|im_start|>user\n{first[0]['value']}<|im_end|>\n<|im_start|>assistant\n", False),
                                                    (f"{first[1]['value']}<|im_end|>\n", True)], tokenizer.eos_token_id)
@@ -130,7 +135,7 @@ def test_a_tokenizers_own_chat_template_renders_the_rows_and_closes_turns_its_wa
     give_chat_template(loaded)
     assert loaded.chat_template == chatml, "a tokenizer's own template is kept"
     replies = {json.loads(line)["conversations"][1]["value"] for line in SHAREGPT_JSONL.read_text().splitlines()}
-    for prompt, response in data.eval_pairs:
+    for prompt, response in eval_pairs(data):
         assert own.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n") and own.decode(response) in replies, "the reply without its end of turn"
 
 

@@ -19,7 +19,7 @@ import torch
 from conftest import finetune_phase, harness, make_plan, manifests, metric_rows, write_plan
 from harness.demo import cipher_row
 from harness.plan import ModelSpec
-from harness.task_metrics import METRIC_NAMES, metric_keys
+from harness.objectives.task_metrics import METRIC_NAMES, metric_keys
 from harness.worker.model import build_model, byte_tokenizer
 
 TASK = {"task_metrics": list(METRIC_NAMES), "task_rows": 5, "generation_batch": 2, "max_new_tokens": 8}

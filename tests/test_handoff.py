@@ -88,7 +88,7 @@ def test_full_state_handoff_takes_the_new_stages_hyperparameters(chain: Path):
 def test_engine_ran_the_configured_optimizer_on_the_configured_world(chain: Path):
     records = manifests(chain)
     assert [m["engine_optimizer"] for m in records] == ["AdamW", "AdamW", "SGD", "SGD"]
-    assert [(m["zero_stage"], m["world_size"]) for m in records] == [(2, 2), (2, 2), (3, 2), (1, 1)]
+    assert [(m["engine"]["zero_stage"], m["engine"]["world_size"]) for m in records] == [(2, 2), (2, 2), (3, 2), (1, 1)]
     assert len(list((chain / "phases" / "03-sft-1rank" / "ranks").glob("rank*.json"))) == 1
 
 

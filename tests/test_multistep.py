@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.layout import StageDir
+from harness.records import StageDir
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 from test_resume import wait_for
@@ -157,7 +157,7 @@ def test_report_table_matches_the_manifests(interrupted_run):
     assert [row["stage"] for row in table] == [m["stage"] for m in manifests(out)]
     for row, m in zip(table, manifests(out)):
         assert row["eval_loss"] == pytest.approx(m["eval"]["eval/loss"])
-        assert row["optimizer"] == m["optimizer"] and row["load"] == m["load"]["mode"]
+        assert row["optimizer"] == m["engine"]["optimizer"] and row["load"] == m["load"]["mode"]
     assert "ms.c2.s3-adamw" in result.stdout
 
 

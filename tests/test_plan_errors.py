@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, finetune_phase, harness, make_plan, pretrain_phase, write_plan
-from harness.setup import prepare
+from harness.launch.setup import prepare
 from harness.plan import PlanError, parse_plan
 
 

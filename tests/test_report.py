@@ -6,10 +6,9 @@ import matplotlib.image
 import pytest
 from rich.console import Console
 
-from harness.layout import RunDir
-from harness.plan import OffloadSpec
-from harness.records import LoadRecord, Manifest
-from harness.report import compare_runs, load_run, print_table, report_table, write_report
+from harness.plan import ModelSpec, OffloadSpec
+from harness.records import EngineIdentity, LoadRecord, Manifest, RunDir
+from harness.views.report import compare_runs, load_run, print_table, report_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,10 +31,10 @@ def make_run(root, offset=0.0):
     for index, (stage, phase, kind, optimizer, start, end, evals) in enumerate(STAGES):
         folder = run.stage(index, stage)
         folder.root.mkdir(parents=True)
-        common = {"stage": stage, "phase": phase, "kind": kind, "optimizer": optimizer}
+        common = {"stage": stage, "phase": phase, "kind": kind}
         lines = []
         for step in range(start, end + 1):
-            row = {**common, "global_step": step, "stage_step": step - start + 1}
+            row = {**common, "optimizer": optimizer, "global_step": step, "stage_step": step - start + 1}
             lines.append({**row, "train/loss": train_loss(step) + offset, "train/lr": 1e-4})
             if step % 10 == 0:
                 lines.append({**row, "eval/loss": train_loss(step) + 0.3})
@@ -44,7 +43,8 @@ def make_run(root, offset=0.0):
             text += '{"stage": "refine.c1.s3-sgd", "glo'  # killed mid-write
         else:
             Manifest(
-                **common, index=index, zero_stage=2, world_size=4, dtype="fp32", offload=OffloadSpec(), engine_optimizer=optimizer,
+                **common, index=index, engine_optimizer=optimizer,
+                engine=EngineIdentity(optimizer=optimizer, zero_stage=2, world_size=4, dtype="fp32", offload=OffloadSpec(), model=ModelSpec(builtin="tiny-llama")),
                 global_step_start=start - 1, global_step_end=end, stage_steps=end - start + 1, tokens_seen=0, samples_seen=0,
                 data_position={}, eval=evals, load=LoadRecord(mode="init" if index == 0 else "weights_only", reason="test", source="test"),
                 resumes=[], start_weights_digest="", start_optimizer_state_digest="", handoff_dtype="fp32", weights_digest="",

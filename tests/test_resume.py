@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.layout import StageDir
+from harness.records import StageDir
 
 from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 

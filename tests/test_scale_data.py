@@ -65,7 +65,7 @@ def test_the_store_is_built_once_before_launch_and_reused(big_run):
     assert position == first_manifest["data_position"][key] + 3 * 8, "the second stage continued the first's data position"
 
 
-# The plan check reads the first 1,000 lines of a file (harness/data_check.py); the token store
+# The plan check reads the first 1,000 lines of a file (harness/objectives/samples.py); the token store
 # builder, which reads everything, catches the rest: both before anything is written.
 @pytest.mark.parametrize("data, where, named", [
     ({"hub": "no-such-org/no-such-set"}, "stage 'pre' data", "no-such-org/no-such-set"),

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from cluster import local_cluster  # noqa: F401  (fixture)
 from conftest import REPO, make_plan, pretrain_phase, write_plan
-from harness.launch import SECRETS_FILE_VAR, deepspeed_env_file, is_secret, launcher_environment
+from harness.launch.command import deepspeed_env_file, launcher_environment
+from harness.plan import is_secret
+from harness.records.environment import SECRETS_FILE_VAR
 from test_cluster import rank_records, two_node_plan
 
 OFFLINE = {"mode": "offline", "project": "harness-test"}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
-from harness.exit_codes import PREEMPTED
-from harness.layout import StageDir
+from harness.records.exit_codes import PREEMPTED
+from harness.records import StageDir
 from harness.records import read_json_lines
 from test_resume import wait_for
 
@@ -101,7 +101,7 @@ def test_every_stage_runs_in_one_launch(uninterrupted: Path):
 def test_each_stage_starts_from_what_the_previous_one_saved(uninterrupted: Path):
     records = manifests(uninterrupted)
     assert [m["load"]["mode"] for m in records] == LOAD_MODES
-    assert [m["zero_stage"] for m in records] == [2, 2, 3, 3, 1] and [m["optimizer"] for m in records] == ["AdamW", "SGD", "AdamW", "AdamW", "SGD"]
+    assert [m["engine"]["zero_stage"] for m in records] == [2, 2, 3, 3, 1] and [m["engine"]["optimizer"] for m in records] == ["AdamW", "SGD", "AdamW", "AdamW", "SGD"]
     for before, after in zip(records, records[1:]):
         assert after["start_weights_digest"] == before["weights_digest"], after["stage"]
         if after["load"]["mode"] == "full_state":

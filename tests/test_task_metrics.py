@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from harness.plan import PlanError, TrainSettings, parse_plan
-from harness.task_metrics import METRIC_NAMES, SCORERS, exact_match, metric_keys, normalize_answer, score, token_f1
+from harness.objectives.task_metrics import METRIC_NAMES, SCORERS, exact_match, metric_keys, normalize_answer, score, token_f1
 
 from conftest import REPO, finetune_phase, make_plan
 

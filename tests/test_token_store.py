@@ -17,14 +17,16 @@ import pyarrow.parquet as pq
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT
 from harness.plan import DataSpec, expand_files
-from harness.store_builder import build
-from harness.token_store import META, TOKENS, StoreMeta, StoreRequest
-from harness.worker.data import SampleStream, eval_batches, open_set
+from harness.jobs.store_builder import build
+from harness.stages.stores import store_request
+from harness.records.token_store import META, TOKENS, StoreMeta, StoreRequest
+from harness.worker.objectives import open_data
+from harness.worker.data import SampleStream, eval_batches
 from harness.worker.model import byte_tokenizer
 
 
 def request(kind: str, spec: DataSpec, cache: Path) -> StoreRequest:
-    return StoreRequest(kind=kind, data=spec, tokenizer="bytes", cache_dir=str(cache), where="data")
+    return store_request(kind, spec, "bytes", str(cache), "data")
 
 
 def batch_digest(batch) -> str:
@@ -57,7 +59,7 @@ def test_batches_from_the_store_equal_the_batches_before_stores(tmp_path):
         frozen = FROZEN[kind]
         req = request(kind, DataSpec(files=[str(source)]), tmp_path)
         build(req)
-        data = open_set(req, frozen["seq_len"], 1234, byte_tokenizer().pad_token_id)
+        data = open_data(req, frozen["seq_len"], 1234, byte_tokenizer().pad_token_id)
         stream = SampleStream(data, 1234)
         assert (data.n_train, len(data.eval["input_ids"])) == (frozen["n_train"], frozen["n_eval"])
         first = stream.batch(0, 8)
@@ -74,7 +76,7 @@ def test_store_is_compact_and_independent_of_seq_len_and_seed(tmp_path):
     meta = StoreMeta.read(req.folder)
     assert meta.dtype == "uint16", "259 byte tokens fit in 16 bits"
     assert (req.folder / TOKENS).stat().st_size == 2 * meta.tokens
-    short, long = (open_set(req, n, seed, 0) for n, seed in ((32, 1), (128, 2)))
+    short, long = (open_data(req, n, seed, 0) for n, seed in ((32, 1), (128, 2)))
     assert short.samples.count == meta.tokens // 32 and long.samples.count == meta.tokens // 128
     assert [p.name for p in tmp_path.joinpath("tokens").iterdir() if not p.name.endswith(".lock")] == [req.key]
 
@@ -103,7 +105,7 @@ def test_globs_gzip_and_parquet_give_the_same_tokens_as_plain_jsonl(tmp_path):
 
 
 def _builder(req: StoreRequest) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harness.store_builder", req.model_dump_json()],
+    return subprocess.Popen([sys.executable, "-m", "harness.jobs.store_builder", req.model_dump_json()],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -8,12 +8,13 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 from transformers.initialization import no_init_weights
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, harness, make_plan, pretrain_phase, write_plan
-from harness.load_mode import start_decision
-from harness.model_params import ParamTable, _table_of
-from harness.plan import BUILTIN_CONFIGS, OffloadSpec, PlanError, TrainSettings, parse_plan
+from harness.stages import start_decision
+from harness.jobs.param_table import table_of as _table_of
+from harness.stages.params import ParamTable
+from harness.plan import BUILTIN_CONFIGS, ModelSpec, OffloadSpec, PlanError, TrainSettings, parse_plan
 from harness.stages import expand_stages
-from harness.records import HandoffSide
-from harness.trainable import resolve, selected
+from harness.records import EngineIdentity
+from harness.stages.trainable import resolve, selected
 
 FAMILIES = {
     "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, vocab_size=100),
@@ -23,7 +24,7 @@ FAMILIES = {
 
 
 def table_of(config) -> ParamTable:
-    """The table harness.model_params prints, built here in-process the same way (meta device)."""
+    """The table harness/jobs/param_table.py prints, built here in-process the same way (meta device)."""
     with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
@@ -110,9 +111,10 @@ def test_selector_problems_name_the_field_and_real_names(tables, trainable, fiel
 
 # ---- the load-mode rule -------------------------------------------------------------------
 
-def side(**changes) -> HandoffSide:
-    base = dict(optimizer="AdamW", zero_stage=2, world_size=2, dtype="fp32", offload=OffloadSpec(), trained="all", trainable="all", trainable_params=None)
-    return HandoffSide(**{**base, **changes})
+def side(**changes) -> EngineIdentity:
+    base = dict(optimizer="AdamW", zero_stage=2, world_size=2, dtype="fp32", offload=OffloadSpec(), model=ModelSpec(builtin="tiny-llama"),
+                trained="all", layout="all", trainable_params=None)
+    return EngineIdentity(**{**base, **changes})
 
 
 def test_first_stage_starts_from_the_plan():
@@ -123,7 +125,7 @@ def test_moments_carry_when_nothing_they_depend_on_changed():
     decision = start_decision(side(zero_stage=1), side(zero_stage=2))
     assert decision.mode == "full_state" and "trainable set" in decision.reason
     assert decision.previous == side(zero_stage=1), "the worker checks the previous manifest against this"
-    partial = side(trained="9c01", trainable="3f2a", trainable_params=1000)
+    partial = side(trained="9c01", layout="3f2a", trainable_params=1000)
     assert start_decision(partial, partial).mode == "full_state"
 
 
@@ -133,15 +135,15 @@ def test_moments_carry_when_nothing_they_depend_on_changed():
     (side(), side(world_size=1), "world size changed (2 -> 1)"),
     (side(), side(dtype="bf16"), "precision changed (fp32 -> bf16)"),
     (side(), side(offload=OffloadSpec(optimizer=True)), "offload changed"),
-    (side(), side(trained="9c01", trainable="3f2a", trainable_params=1000), "trainable set changed (all -> 1,000 parameters"),
-    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="5e7d", trainable="77b1", trainable_params=2000),
+    (side(), side(trained="9c01", layout="3f2a", trainable_params=1000), "trainable set changed (all -> 1,000 parameters"),
+    (side(trained="9c01", layout="3f2a", trainable_params=1000), side(trained="5e7d", layout="77b1", trainable_params=2000),
      "trainable set changed (1,000 -> 2,000 parameters"),
     # Other parameters of the same size (tied-size embeddings and head, say) are another set all the same.
-    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="5e7d", trainable="77b1", trainable_params=1000),
+    (side(trained="9c01", layout="3f2a", trainable_params=1000), side(trained="5e7d", layout="77b1", trainable_params=1000),
      "trainable set changed (1,000 -> 1,000 parameters"),
-    (side(trained="9c01", trainable="3f2a", trainable_params=1000), side(trained="9c01", trainable="77b1", trainable_params=1000),
+    (side(trained="9c01", layout="3f2a", trainable_params=1000), side(trained="9c01", layout="77b1", trainable_params=1000),
      "trainable groups changed (the same parameters (1,000) in other lr groups"),
-    (side(), side(trainable="77b1"), "trainable groups changed (the same parameters (all) in other lr groups"),
+    (side(), side(layout="77b1"), "trainable groups changed (the same parameters (all) in other lr groups"),
 ])
 def test_anything_else_starts_from_the_weights_with_the_reason(before, now, reason):
     decision = start_decision(before, now)
@@ -183,7 +185,7 @@ def multistep(*stages: dict) -> dict:
 def test_a_multistep_stage_names_its_own_selector_field():
     plan = parse_plan(make_plan("t", [multistep({"steps": 2}, {"steps": 2, "trainable": {"train": ["head", "*.attention.*"]}})], port=29500), REPO)
     with pytest.raises(PlanError) as error:
-        expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table)
+        expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table, wandb_mode="disabled")
     assert [p[0] for p in error.value.problems] == ["phases[0].stages[1].trainable.train[1]"]
 
 
@@ -192,7 +194,7 @@ def test_wandb_config_holds_the_trainable_set_and_each_groups_lr():
 
     stage = {"steps": 2, "optimizer": {"type": "AdamW", "lr": 1e-3}, "trainable": {"train": ["head", "layers[-1:]"], "lr_scale": {"head": 0.1}}}
     plan = parse_plan(make_plan("t", [multistep({"steps": 2}, stage)], port=29500), REPO)
-    untouched, chosen = expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table)
+    untouched, chosen = expand_stages(plan, "cpu", lambda spec: 760, BUILTIN_CONFIGS["tiny-llama"], model_params=tiny_llama_table, wandb_mode="disabled")
     assert untouched.trainable is None, "a stage with the default trains everything, resolved without the model"
     config = run_config(chosen, {})["trainable"]
     assert config["spec"]["train"] == ["head", "layers[-1:]"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import finetune_phase, harness, make_plan, manifests, pretrain_phase, write_plan
-from harness.ds_config import get_train_ds_config
-from harness.layout import RunDir
-from harness.setup import count_train_rows
+from harness.stages.ds_config import get_train_ds_config
+from harness.records import RunDir
+from harness.launch.setup import count_train_rows
 from harness.plan import BUILTIN_CONFIGS, load_plan
 from harness.stages import expand_stages
-from harness.wandb_mode import resolve_mode
+from harness.launch.wandb_mode import resolve_mode
 from harness.worker.monitor import NullMonitor, WandbMonitor, start_monitor
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -137,7 +137,8 @@ def test_deepspeed_wandb_monitor_is_adopted(tmp_path, monkeypatch):
 
 def one_stage(tmp_path: Path, **wandb):
     plan = make_plan("wbunit", [pretrain_phase("pretrain", steps=4)], port=29740, wandb={**OFFLINE, **wandb})
-    [stage] = expand_stages(load_plan(write_plan(tmp_path, plan)), "cpu", count_train_rows, BUILTIN_CONFIGS["tiny-llama"])
+    loaded = load_plan(write_plan(tmp_path, plan))
+    [stage] = expand_stages(loaded, "cpu", count_train_rows, BUILTIN_CONFIGS["tiny-llama"], wandb_mode=resolve_mode(loaded.wandb.mode))
     run = RunDir(tmp_path / "run")
     stage_dir = run.stage(stage.index, stage.name)
     stage_dir.root.mkdir(parents=True)

@@ -5,7 +5,7 @@ import os
 import socket
 from pathlib import Path
 
-from harness.launch import SECRETS_FILE_VAR
+from harness.records.environment import SECRETS_FILE_VAR
 
 
 def _map_slurm_env() -> None:
@@ -20,7 +20,7 @@ def _map_slurm_env() -> None:
 def _load_secrets() -> None:
     """Ranks started over pdsh find their secrets (W&B key, tokens) in a file only the user can
     read, named by HARNESS_SECRETS_FILE: the launch side keeps them off the logged pdsh command
-    line and out of the run folder (harness/processes.py). Called before anything imports wandb."""
+    line and out of the run folder (harness/launch/processes.py). Called before anything imports wandb."""
     path = os.environ.get(SECRETS_FILE_VAR)
     if not path:
         return

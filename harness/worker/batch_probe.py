@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from harness.layout import StageDir
-from harness.records import BatchRecord, InvalidRecord, ProbeTry
+from harness.records import BatchRecord, InvalidRecord, ProbeTry, StageDir
 from harness.stages import Stage
 from harness.worker.fast import FastPath
 from harness.worker.memory import meminfo_bytes, reset_peak, rss_bytes
+from harness.worker.objectives import RANK_OBJECTIVES
 from harness.worker.strategy import DeepSpeedStrategy, release_memory
 
 BUDGET_SHARE = 0.9
@@ -116,8 +116,8 @@ def _try(stage: Stage, strategy: DeepSpeedStrategy, fast: FastPath, micro: int, 
     reset_peak()
     ran = True
     try:
-        batch = full_length_batch(stage, micro, vocab)
-        strategy.train_micro_step(batch, forward_guard=fast.first_forward)
+        objective = RANK_OBJECTIVES[stage.data.primary]
+        strategy.train_micro_step(objective.loss, objective.probe_batch(stage, micro, vocab), forward_guard=fast.first_forward)
         strategy.optimizer_step()
     except torch.OutOfMemoryError:
         ran = False
@@ -127,17 +127,6 @@ def _try(stage: Stage, strategy: DeepSpeedStrategy, fast: FastPath, micro: int, 
     if any(p is None for p in peaks):
         return ProbeTry(micro_batch=micro, peak_bytes=None, fits=False)
     return ProbeTry(micro_batch=micro, peak_bytes=max(peaks), fits=max(peaks) <= budget)
-
-
-def full_length_batch(stage: Stage, micro: int, vocab: int) -> dict[str, torch.Tensor]:
-    """micro rows of seq_len tokens with loss on every one: no data's batch is larger. Packed
-    fine-tune rows come as one sequence with positions restarting per row, as the data gives them."""
-    seq_len = stage.settings.seq_len
-    ids = torch.randint(0, vocab, (micro, seq_len), generator=torch.Generator().manual_seed(stage.settings.seed))
-    if stage.data.packs_rows:
-        flat = ids.reshape(1, -1)
-        return {"input_ids": flat, "labels": flat, "position_ids": torch.arange(seq_len).repeat(micro)[None]}
-    return {"input_ids": ids, "labels": ids}
 
 
 def _budget_bytes(stage: Stage, cuda: bool) -> int:

@@ -1,9 +1,7 @@
-"""Data for a stage, read from token stores that the launch side built (harness/token_store.py):
-pretrain text packed into fixed-length blocks, fine-tune rows with loss only on response tokens
-(the store's loss mask: responses, every assistant turn of a chat), padded one row per sequence
-or packed (`packing: true`) end to end into one sequence per micro batch, a held-out split, and
-a sample stream addressed by position so a resumed (or next) stage continues where the last one
-stopped. Ranks read only the rows of their batches, so a
+"""Data for a stage, read from token stores that the launch side built (harness/records/token_store.py):
+each data set's samples as its objective lays them out (harness/worker/objectives: pretrain blocks,
+fine-tune rows), a held-out split, and a sample stream addressed by position so a resumed (or
+next) stage continues where the last one stopped. Ranks read only the rows of their batches, so a
 rank's memory does not grow with the corpus.
 
 Order is deterministic from the seed: epoch e visits the training samples in
@@ -18,13 +16,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from harness.objectives import OBJECTIVES
 from harness.plan import DataSpec
+from harness.records.token_store import LOSS_MASK, OFFSETS, STORE_FORMAT, TOKENS, StoreMeta, StoreRequest
 from harness.stages import eval_size
-from harness.token_store import LOSS_MASK, OFFSETS, STORE_FORMAT, TOKENS, StoreMeta, StoreRequest
 
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
 # DataSpec fields that change neither which rows a data position holds nor their order.
@@ -40,7 +40,7 @@ def token_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 class TokenStore:
-    """A token store on disk (format: harness/token_store.py), read row by row with pread.
+    """A token store on disk (format: harness/records/token_store.py), read row by row with pread.
 
     Reads go through the page cache, which the ranks of a node share, into buffers the size
     of one batch. Memory-mapping would share the page cache too, but every page a rank
@@ -56,7 +56,7 @@ class TokenStore:
         self.kind = self.meta.kind
         self._tokens = self._open(folder / TOKENS, self.meta.dtype, self.meta.tokens)
         self._offsets = self._open(folder / OFFSETS, np.int64, self.meta.rows + 1)
-        self._loss_mask = self._open(folder / LOSS_MASK, np.uint8, self.meta.tokens) if self.kind == "finetune" else None
+        self._loss_mask = self._open(folder / LOSS_MASK, np.uint8, self.meta.tokens) if OBJECTIVES[self.kind].loss_mask else None
 
     @staticmethod
     def _open(path: Path, dtype, count: int) -> tuple[int, np.dtype]:
@@ -81,84 +81,29 @@ class TokenStore:
         return self.span(int(begin), int(end - begin))
 
     def row_with_mask(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """A fine-tune row's tokens and their loss mask (0 none, 1 response, 2 end of a response)."""
+        """A row's tokens and their loss mask (0 none, 1 response, 2 end of a response)."""
         begin, end = (int(x) for x in self._read(self._offsets, r, 2))
         return self.span(begin, end - begin), self._read(self._loss_mask, begin, end - begin)
 
 
-class PretrainSamples:
-    """Pretrain samples: the store's token stream cut into blocks of seq_len (the last partial
-    block dropped). No attention mask: every position is a real token, and an all-ones mask
-    makes the model build an explicit mask instead of taking the causal fast path (measured on H100)."""
+class Samples(Protocol):
+    """How an objective lays out the samples of a store (harness/worker/objectives)."""
 
-    def __init__(self, store: TokenStore, seq_len: int):
-        self.store, self.seq_len = store, seq_len
-        self.count = store.meta.tokens // seq_len
-        if self.count < 2:
-            raise ValueError(f"{store.meta.inputs}: {store.meta.tokens} tokens make fewer than 2 blocks of {seq_len}")
+    count: int
+    """Samples in the store (blocks of the token stream, or rows)."""
 
     def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        ids = np.stack([self.store.span(int(i) * self.seq_len, self.seq_len) for i in indices]).astype(np.int64)
-        return {"input_ids": ids, "labels": ids}
+        """The training layout of these samples (input_ids, labels, ...)."""
 
     def eval_arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self.arrays(indices)
+        """Held-out samples, as evaluation slices them into batches of micro_batch samples."""
 
 
-class FinetuneSamples:
-    """Fine-tune samples: one row each (prompt + response + end-of-sequence, or a rendered
-    conversation) cut to seq_len; labels where the store's loss mask is set. Padded to seq_len one
-    row per sequence, or with packing all rows of a batch end to end in one sequence of shape
-    (1, total): no padding, position_ids restarting at 0 per row (how transformers tells packed rows
-    apart: harness/worker/model.py prepare_for_data), no attention mask. A row's first token has no
-    label (unpacked, no token predicts it either), so the loss is the same either way."""
+class LaysOutSamples(Protocol):
+    """An objective's rank side, as far as data goes (harness/worker/objectives)."""
 
-    def __init__(self, store: TokenStore, seq_len: int, pad_id: int, packing: bool = False):
-        self.store, self.seq_len, self.pad_id, self.packing = store, seq_len, pad_id, packing
-        self.count = store.meta.rows
-
-    def _row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and labels of row r, cut to seq_len."""
-        ids, mask = (a[: self.seq_len].astype(np.int64) for a in self.store.row_with_mask(r))
-        return ids, np.where(mask > 0, ids, IGNORE_INDEX)
-
-    def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The training layout of these rows: packed or padded."""
-        return self.packed(indices) if self.packing else self.padded(indices)
-
-    def eval_arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Held-out rows, padded (evaluation slices them into batches of micro_batch rows)."""
-        return self.padded(indices)
-
-    def padded(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        n = len(indices)
-        input_ids = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
-        labels = np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64)
-        mask = np.zeros((n, self.seq_len), dtype=np.int64)
-        for i, r in enumerate(indices):
-            ids, row_labels = self._row(r)
-            input_ids[i, : len(ids)] = ids
-            labels[i, : len(ids)] = row_labels
-            mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-    def packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        rows = [self._row(r) for r in indices]
-        for _, row_labels in rows:
-            row_labels[0] = IGNORE_INDEX  # else the previous row's last token would predict it
-        return {"input_ids": np.concatenate([ids for ids, _ in rows])[None],
-                "labels": np.concatenate([labels for _, labels in rows])[None],
-                "position_ids": np.concatenate([np.arange(len(ids)) for ids, _ in rows])[None]}
-
-    def pair(self, r: int) -> tuple[list[int], list[int]]:
-        """(prompt ids, response ids) of row r for generation: the prompt is everything before its
-        last response (a chat: the conversation up to and with the generation prompt of its last
-        assistant turn), the response that response's content, without its end of turn."""
-        ids, mask = self.store.row_with_mask(r)
-        trained = np.flatnonzero(mask)
-        untrained_before = np.flatnonzero(mask[: trained[-1]] == 0)
-        start = int(untrained_before[-1]) + 1 if len(untrained_before) else 0
-        return ids[:start].tolist(), ids[start:][mask[start:] == 1].tolist()
+    def samples(self, store: TokenStore, spec: DataSpec, seq_len: int, pad_id: int) -> Samples:
+        """The store's samples as this objective trains on them."""
 
 
 @dataclass
@@ -167,12 +112,11 @@ class TokenizedSet:
 
     key: str
     kind: str
-    samples: PretrainSamples | FinetuneSamples
+    samples: Samples
     train_indices: np.ndarray
+    eval_indices: np.ndarray
     eval: dict[str, np.ndarray]
     """The held-out samples, in memory (at most eval_max_samples)."""
-    eval_pairs: list[tuple[list[int], list[int]]]
-    """(prompt ids, response ids) of held-out fine-tune rows, for exact-match generation."""
 
     @property
     def n_train(self) -> int:
@@ -193,15 +137,14 @@ def _split(n: int, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:-n_eval], order[-n_eval:]
 
 
-def open_set(request: StoreRequest, seq_len: int, seed: int, pad_id: int) -> TokenizedSet:
-    """The data set of a store built by the launch side, split with the seed."""
+def open_set(request: StoreRequest, objective: LaysOutSamples, seq_len: int, seed: int, pad_id: int) -> TokenizedSet:
+    """The data set of a store built by the launch side, laid out by its objective, split with the seed."""
     store = TokenStore(request.folder)
     spec = request.data
-    samples = PretrainSamples(store, seq_len) if request.kind == "pretrain" else FinetuneSamples(store, seq_len, pad_id, spec.packing)
-    train_indices, eval_indices = _split(samples.count, spec, seed)
-    pairs = [samples.pair(r) for r in eval_indices] if request.kind == "finetune" else []
+    laid_out = objective.samples(store, spec, seq_len, pad_id)
+    train_indices, eval_indices = _split(laid_out.count, spec, seed)
     key = dataset_key(spec, request.kind, seq_len, seed)
-    return TokenizedSet(key, request.kind, samples, train_indices, samples.eval_arrays(eval_indices), pairs)
+    return TokenizedSet(key, request.kind, laid_out, train_indices, eval_indices, laid_out.eval_arrays(eval_indices))
 
 
 class SampleStream:

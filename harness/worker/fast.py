@@ -1,4 +1,4 @@
-"""Carrying out a stage's fast path (stage.fast, decided by harness/fast.py): the attention kernel
+"""Carrying out a stage's fast path (stage.fast, decided by harness/stages/fast.py): the attention kernel
 and Liger's kernels go into the model before the engine is built, compilation onto the engine
 after. A part that fails to initialise is turned off with one warning line naming it, and the
 stage trains without it; the manifest records what ran (`FastRecord`).

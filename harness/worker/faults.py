@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import signal
 
+from harness.records.environment import FAULT_VAR
 from harness.stages import Stage
-
-FAULT_VAR = "HARNESS_FAULT"
 
 
 def fault_point(stage: Stage, rank: int, point: str) -> None:

@@ -2,9 +2,9 @@
 
 Start of a stage, one of (each decided on the launch side, carried out here):
 - resume:       this stage's own newest intact checkpoint (interrupted earlier), loaded as
-                harness/resume.py decided (native, universal, consolidated);
+                harness/stages/resume.py decided (native, universal, consolidated);
 - full_state:   the previous stage's DeepSpeed checkpoint, optimizer moments included,
-                when harness/load_mode.py found nothing that moments depend on changed;
+                when harness/stages/start.py found nothing that moments depend on changed;
 - weights_only: the previous stage's consolidated Hugging Face model;
 - init:         the plan's model (first stage).
 The previous stage's manifest must say what the decision saw. Whatever the mode, the weights
@@ -32,22 +32,15 @@ from typing import Any
 
 import torch
 
-from harness.layout import CHECKPOINT_COMPLETE, StageDir
-from harness.load_mode import side_of_manifest
-from harness.records import (CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord, StartDecision, StartRecord,
-                             TrainableRecord, engine_settings, file_check, folder_checks, read_manifest, trainable_record)
-from harness.stages import Stage
+from harness.records import (CHECKPOINT_COMPLETE, CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord,
+                             StageDir, StartDecision, StartRecord, TrainableRecord, file_check, folder_checks, read_manifest)
+from harness.stages import Stage, engine_identity
+from harness.stages.trainable import trainable_record
 from harness.worker.faults import fault_point
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
 from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def handoff_dtype(stage: Stage) -> str:
-    """The dtype of the handoff's weight files: the plan's, auto meaning bf16 on GPU, else fp32."""
-    chosen = stage.settings.handoff_dtype
-    return chosen if chosen != "auto" else ("bf16" if stage.accelerator == "cuda" else "fp32")
 
 
 @dataclass
@@ -76,7 +69,7 @@ def start_point(stage: Stage, decision: StartDecision, previous: StageDir | None
     if decision.mode == "init":
         return StartPoint(decision.mode, decision.reason)
     manifest = read_manifest(previous, verify_files)
-    found = side_of_manifest(manifest)
+    found = manifest.engine
     if found != decision.previous:
         raise RuntimeError(f"stage {stage.name}: {previous.manifest} records {found.model_dump()}, but {decision.mode} was decided for "
                            f"{decision.previous.model_dump()}: run `harness run` (or `plan`) again so that the launch side decides anew")
@@ -107,7 +100,7 @@ class Checkpointer:
         if frozen_now != self._frozen_at_start:
             raise RuntimeError(f"stage {self.stage.name}: frozen parameters changed during the stage "
                                f"(digest {self._frozen_at_start[:12]} -> {frozen_now[:12]})")
-        return trainable_record(self.stage, self.strategy.total_params(), (self._frozen_at_start, frozen_now))
+        return trainable_record(self.stage.settings, self.stage.trainable, self.strategy.total_params(), (self._frozen_at_start, frozen_now))
 
     def _start(self, start: StartPoint) -> Progress:
         """The stage's first start: load what the start point names and check the weights."""
@@ -178,7 +171,7 @@ class Checkpointer:
         mine = {rel: check.model_dump() for rel, check in folder_checks(folder, folder, lambda name: _writer_rank(name) == self.strategy.rank).items()}
         files = {rel: check for part in self.strategy.all_gather_object(mine) for rel, check in part.items()}
         if self.strategy.is_rank0:
-            record = CheckpointRecord(progress=progress, engine=engine_settings(self.stage), files=files)
+            record = CheckpointRecord(progress=progress, engine=engine_identity(self.stage), files=files)
             record.write(folder / CHECKPOINT_COMPLETE)
             self._drop_old_checkpoints()
         return tag
@@ -201,7 +194,7 @@ class Checkpointer:
             for _ in weights:
                 pass
             return {}
-        dtype = handoff_dtype(self.stage)
+        dtype = self.stage.handoff_dtype
         folder = self.dir.model
         save_hf_config(folder, model, tokenizer, DTYPES[dtype])
         writer = SafetensorsWriter(folder, self.strategy.full_shapes(), DTYPES[dtype], self.stage.settings.handoff_shard_bytes)
@@ -234,17 +227,12 @@ class Checkpointer:
         self.strategy.barrier()  # every rank's part of the handoff is done before the manifest says so
         if self.strategy.is_rank0:
             started = StartRecord.read(self.dir.started)
-            s = self.stage.settings
             manifest = Manifest(
                 stage=self.stage.name,
                 index=self.stage.index,
                 phase=self.stage.phase,
                 kind=self.stage.kind,
-                zero_stage=s.zero_stage,
-                world_size=self.stage.world_size,
-                dtype=self.stage.precision,
-                offload=s.offload,
-                optimizer=self.stage.optimizer_type,
+                engine=engine_identity(self.stage),
                 global_step_start=progress.global_step_start,
                 global_step_end=progress.global_step,
                 stage_steps=progress.stage_step,

@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.layout import StageDir
-from harness.records import InvalidRecord, MemoryRecord
+from harness.records import InvalidRecord, MemoryRecord, StageDir
 
 
 def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any) -> None:

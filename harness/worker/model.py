@@ -18,10 +18,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import xxhash
 
-from harness.formats import BUILTIN_CHAT_TEMPLATE, uses_template
 from harness.plan import BUILTIN_CONFIGS, ModelSpec
 from harness.records import FileCheck
-from harness.stages import Stage
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,37 +49,6 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def give_chat_template(tokenizer) -> None:
-    """Alpaca and chat rows are rendered with the tokenizer's own chat template; one without gets
-    the built-in template (harness/formats.py), which save_pretrained then writes with the handoff
-    model (chat_template.jinja), so generation after training renders prompts the same way."""
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
-
-
-def prepare_for_data(model: torch.nn.Module, tokenizer, stage: Stage) -> None:
-    """Fit the model and tokenizer to the stage's fine-tune data: its chat template (see
-    give_chat_template) and, for packed rows, forwards that keep them apart (keep_packed_rows_apart;
-    the attention kernel is the fast path's, harness/worker/fast.py)."""
-    spec = stage.data.finetune
-    if spec is None:
-        return
-    if uses_template(spec):
-        give_chat_template(tokenizer)
-    if stage.data.packs_rows:
-        keep_packed_rows_apart(model)
-
-
-def keep_packed_rows_apart(model: torch.nn.Module) -> None:
-    """Packed rows (harness/worker/data.py: one sequence per micro batch, position_ids restarting at
-    0 per row, no attention mask) must not attend to each other. transformers 5.23 derives a
-    block-diagonal mask from position_ids only when no KV cache is passed, and creates one on every
-    forward while config.use_cache is on (rows then attend across the boundary: measured), so the
-    model's forwards run without one (the saved config keeps use_cache). Flash attention 2 (fast
-    path, CUDA) finds the rows from position_ids instead: transformers' padding-free path."""
-    model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "use_cache": False}), with_kwargs=True)
 
 
 def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None, load_weights: bool = True) -> torch.nn.Module:

@@ -26,9 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.layout import RunDir, StageDir
+from harness.records import RunDir, StageDir
 from harness.stages import Stage
-from harness.wandb_mode import resolve_mode
 from harness.worker.metrics import NullMetrics
 
 # Dense bf16/fp16 tensor-core peak per GPU, for the MFU estimate (by device name).
@@ -121,8 +120,7 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
     resumable runs. `tensorboard` and `csv_monitor` write their own files and never reach
     W&B (we do not sync TensorBoard), so nothing is logged twice.
     """
-    spec = stage.wandb
-    mode = resolve_mode(spec.mode)
+    spec, mode = stage.wandb, stage.wandb_mode
     if mode == "disabled":
         return NullMonitor()
     try:

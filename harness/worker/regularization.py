@@ -32,12 +32,16 @@ class NoRegularizer:
     def apply_to_gradients(self) -> None:
         pass
 
-    @property
-    def last(self) -> dict[str, float]:
-        """Penalties of the last step, for the metrics row."""
+    def partial_sums(self) -> list:
+        """This rank's part of the step's penalty sums, for the step's one all-reduce (train.py)."""
+        return []
+
+    def metrics(self, sums: list[float]) -> dict[str, float]:
+        """The step's penalties from the all-reduced partial_sums, for the metrics row."""
         return {}
 
     def values(self) -> dict[str, float]:
+        """Penalties on the current weights (the manifest's). Collective under ZeRO-3."""
         return {}
 
 
@@ -50,15 +54,21 @@ class Regularizer(NoRegularizer):
         # Frozen parameters are left alone, and so are biases and norm weights (1-D) unless asked.
         self.params = [p for p in strategy.module.parameters() if p.requires_grad and (spec.include_1d or len(_full_shape(p)) >= 2)]
         self._sums = (torch.zeros(()), torch.zeros(()))
-        """sum|w| and sum w^2 of the last step: device tensors, read only when logged."""
+        """sum|w| and sum w^2 of the last step: device tensors, read only when reduced."""
 
     def _weights(self) -> list[torch.Tensor]:
         """Full weights (ZeRO 0-2, autograd-connected) or this rank's fp32 shards (ZeRO-3)."""
         return [safe_get_local_fp32_param(p) for p in self.params] if self.sharded else self.params
 
-    @property
-    def last(self) -> dict[str, float]:
-        l1_sum, l2_sum = self.strategy.all_reduce_sum(list(self._sums)) if self.sharded else (float(x) for x in self._sums)
+    def partial_sums(self) -> list:
+        """ZeRO-3: this rank's shard sums; ZeRO 0-2: the whole sums on rank 0, none elsewhere (every
+        rank holds the same weights), so the all-reduced values are the exact totals either way."""
+        if self.sharded or self.strategy.is_rank0:
+            return list(self._sums)
+        return [0.0, 0.0]
+
+    def metrics(self, sums: list[float]) -> dict[str, float]:
+        l1_sum, l2_sum = sums
         return {"train/l1_penalty": self.l1 * l1_sum, "train/l2_penalty": self.l2 * l2_sum}
 
     def loss_term(self):
@@ -85,11 +95,11 @@ class Regularizer(NoRegularizer):
         self._sums = (l1_sum, l2_sum)
 
     def values(self) -> dict[str, float]:
-        """Penalties on the current weights, exact under every ZeRO stage. Collective under ZeRO-3."""
+        """Penalties on the current weights, exact under every ZeRO stage. Collective."""
         with torch.no_grad():
             weights = self._weights()
             self._sums = (sum(w.abs().sum() for w in weights), sum(w.pow(2).sum() for w in weights))
-        return self.last
+        return self.metrics(self.strategy.all_reduce_sum(self.partial_sums()))
 
 
 def make_regularizer(spec: RegularizationSpec, strategy: DeepSpeedStrategy) -> NoRegularizer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from deepspeed.utils import safe_get_full_fp32_param
 from transformers.integrations import HfDeepSpeedConfig
 
 from harness.stages import Stage
+
+LossOf = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""(engine, batch) -> (loss, step metrics): an objective's loss (harness/worker/objectives)."""
 
 
 class DeepSpeedStrategy:
@@ -106,15 +109,18 @@ class DeepSpeedStrategy:
                           "train_batch_size": micro_batch * grad_accum * self.world_size}
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
 
-    def train_micro_step(self, batch: dict[str, torch.Tensor], extra_loss=None, forward_guard=None) -> torch.Tensor:
-        """Forward and backward of one micro batch; returns the LM loss (without penalties).
-        forward_guard(forward) runs the forward (FastPath.first_forward: the first compiled one)."""
+    def train_micro_step(self, loss_of: LossOf, batch: dict[str, torch.Tensor], extra_loss=None, forward_guard=None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro batch: loss_of(engine, batch) is the objective's loss and
+        step metrics (harness/worker/objectives); extra_loss() a penalty added before backward.
+        Returns the objective's loss (without penalties) and metrics, detached. forward_guard(forward)
+        runs the forward (FastPath.first_forward: the first compiled one)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        forward = lambda: self.engine(**batch).loss  # noqa: E731
-        loss = forward() if forward_guard is None else forward_guard(forward)
+        forward = lambda: loss_of(self.engine, batch)  # noqa: E731
+        loss, metrics = forward() if forward_guard is None else forward_guard(forward)
         extra = extra_loss() if extra_loss is not None else None
         self.engine.backward(loss if extra is None else loss + extra)
-        return loss.detach()
+        return loss.detach(), {key: value.detach() for key, value in metrics.items()}
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,8 @@
+"""Child programs of the launch side that need torch, DeepSpeed or transformers (the launch side
+never imports them): `python -m harness.jobs.<name>`, started and read by harness/launch/jobs.py.
+
+    ds_check.py      DeepSpeed's own config class on each generated config
+    param_table.py   the model's parameters (names, shapes, roles), built on the meta device
+    reshard.py       a checkpoint made loadable at another topology (universal or consolidated)
+    store_builder.py one token store, tokenized from the data files
+"""

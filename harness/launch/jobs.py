@@ -1,0 +1,63 @@
+"""The launch side's child programs (harness/jobs/), which need torch, DeepSpeed or transformers:
+each is started here as `python -m harness.jobs.<name>` and its answer read back, so the launch
+side never imports them itself."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+from harness.plan import ModelSpec, PlanError
+from harness.records.token_store import DATA_PROBLEM_EXIT, META, StoreRequest
+from harness.stages.params import ParamTable
+
+
+def _job(name: str) -> list[str]:
+    return [sys.executable, "-m", f"harness.jobs.{name}"]
+
+
+def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """DeepSpeed's own config class on each config (harness/jobs/ds_check.py): (index of the
+    config, problem) pairs."""
+    result = subprocess.run(
+        _job("ds_check"),
+        input=json.dumps(configs),
+        capture_output=True,
+        text=True,
+        # Validation only: the CPU accelerator keeps CUDA from initialising in the child.
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the DeepSpeed config check crashed:\n{result.stderr[-2000:]}")
+    return [(index, problem) for index, problem in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
+def read_param_table(model: ModelSpec) -> ParamTable:
+    """The parameters of the plan's model (harness/jobs/param_table.py; about as long as importing transformers)."""
+    result = subprocess.run(_job("param_table"), input=model.model_dump_json(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"listing the model's parameters failed:\n{result.stderr[-2000:]}")
+    return ParamTable.model_validate_json(result.stdout.strip().splitlines()[-1])
+
+
+def convert_checkpoint(request: dict[str, Any]) -> None:
+    """A checkpoint tag made loadable at another topology (harness/jobs/reshard.py)."""
+    result = subprocess.run([*_job("reshard"), json.dumps(request)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {request['checkpoint']} for a {request['mode']} resume failed:\n{result.stderr[-3000:]}")
+
+
+def build_stores(requests: list[StoreRequest], echo: Callable[[str], None] = print) -> None:
+    """Build every store that is not complete yet, one child process each (harness/jobs/store_builder.py,
+    with its progress bar). A problem in the data itself becomes a PlanError naming the data set (exit 2)."""
+    for request in requests:
+        if (request.folder / META).is_file():
+            continue
+        echo(f"[harness] tokenizing {request.where} into {request.folder}")
+        result = subprocess.run([*_job("store_builder"), request.model_dump_json()], stderr=subprocess.PIPE, text=True)
+        if result.returncode == DATA_PROBLEM_EXIT:
+            raise PlanError([(request.where, request.data.hub or request.data.files, result.stderr.strip().splitlines()[-1])])
+        if result.returncode != 0:
+            raise RuntimeError(f"tokenizing {request.where} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")

@@ -1,0 +1,31 @@
+"""What the user wrote: the plan schema (one block per file), its field types, its problems, and
+loading a plan file with every check that needs only the plan and its files. The bottom layer:
+imports nothing else of the harness, and never torch.
+
+    fields.py        the strict base model, injection-safe field types, the secrets rule
+    model.py         model: which model trains (and its tokenizer)
+    cluster.py       cluster, slurm, wandb: where it runs and what it reports to
+    data.py          data: one data set, or multistep's pair
+    training.py      every training setting of a phase or multistep stage
+    phases.py        phases and the plan itself
+    errors.py        PlanError: every problem at once, each with field, value and what is allowed
+    load.py          YAML -> Plan; checks.py, hostfile.py, model_source.py what it checks besides
+"""
+from harness.plan.checks import FileProblem, expand_files
+from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
+from harness.plan.data import DataSpec, MixSpec, MultistepData
+from harness.plan.errors import PlanError, Problem
+from harness.plan.fields import NAME_PATTERN, Strict, is_secret
+from harness.plan.load import default_cache_dir, load_plan, parse_plan
+from harness.plan.model import BUILTIN_CONFIGS, ModelSpec
+from harness.plan.model_source import TOKENIZER_FILES
+from harness.plan.phases import OBJECTIVE_KINDS, PhaseSpec, Plan, StageSettings, deep_merge
+from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, LAYER_RANGE, FastParts, MetricName, OffloadSpec, OptimizerSpec,
+                                   RegularizationSpec, SchedulerSpec, TrainableSpec, TrainSettings)
+
+__all__ = [
+    "BUILTIN_CONFIGS", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
+    "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
+    "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
+    "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",
+]

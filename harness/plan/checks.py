@@ -1,0 +1,75 @@
+"""Rules of a plan beyond its schema that need its files: the hostfile, multistep stages merged
+over their phase, the phase's length, and its data files (they exist, and a sample of each reads
+as the phase's kind needs: the check is given by the caller, see harness/objectives)."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable
+
+from pydantic import ValidationError
+
+from harness.plan.cluster import ClusterSpec
+from harness.plan.data import DataSpec, MultistepData
+from harness.plan.errors import Problem, problems_from
+from harness.plan.hostfile import hostfile_problems
+from harness.plan.phases import PhaseSpec
+
+FileProblem = Callable[[str, DataSpec, str], "str | None"]
+"""(data file, its data set, the kind of rows it holds) -> what is wrong with it, or None."""
+
+
+def check_cluster(cluster: ClusterSpec, base_dir: Path) -> list[Problem]:
+    """Cluster settings that cannot work: pdsh without hosts, a hostfile DeepSpeed would refuse.
+    (Several nodes on the local launcher, a phase's own nodes included, are found with the stages.)"""
+    problems = []
+    if cluster.launcher == "pdsh" and not (cluster.hostfile or cluster.hosts):
+        problems.append(("cluster.launcher", cluster.launcher, "pdsh starts ranks on the hosts it is given: set cluster.hostfile or cluster.hosts"))
+    if cluster.hostfile is not None:
+        problems += [("cluster.hostfile", cluster.hostfile, why) for why in hostfile_problems(base_dir / cluster.hostfile)]
+    return problems
+
+
+def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProblem | None) -> list[Problem]:
+    """Rules of a phase beyond its schema: each multistep stage merged over the phase, the length,
+    the data files (they exist, and, with file_problem, a sample of each reads as the phase's kind needs)."""
+    problems = []
+    for j in range(len(phase.stages)):
+        try:
+            phase.stage_settings(j)
+        except ValidationError as error:
+            problems += problems_from(error, f"phases[{i}].stages[{j}]", phase.stage_input(j))
+    if phase.kind == "pretrain" and phase.epochs is not None:
+        problems.append((f"phases[{i}].epochs", phase.epochs, "pretrain phases take steps or tokens (packed blocks are counted only after tokenizing)"))
+    if phase.kind != "multistep":
+        given = [k for k in ("steps", "epochs", "tokens") if getattr(phase, k) is not None]
+        if len(given) != 1:
+            problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
+    for where, kind, spec in _data_specs(phase):
+        for k, pattern in enumerate(spec.files):
+            files = expand_files([pattern], base_dir)
+            if not files:
+                problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
+            for file in files if file_problem is not None else ():
+                why = file_problem(file, spec, kind)
+                if why is not None:
+                    problems.append((f"phases[{i}].{where}.files[{k}]", file, why))
+    return problems
+
+
+def _data_specs(phase: PhaseSpec) -> list[tuple[str, str, DataSpec]]:
+    """(field path in the phase, kind of rows, data set) of each data set of a phase."""
+    if isinstance(phase.data, MultistepData):
+        return [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
+    return [("data", phase.kind, phase.data)]
+
+
+def expand_files(patterns: list[str], base_dir: Path) -> list[str]:
+    """Absolute paths of the files the patterns name; a glob expands in sorted order."""
+    files = []
+    for pattern in patterns:
+        path = str(base_dir / os.path.expanduser(pattern))
+        matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
+        files += [str(Path(m).resolve()) for m in matches if os.path.isfile(m)]
+    return files

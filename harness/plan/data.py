@@ -1,0 +1,93 @@
+"""The data blocks of a plan: one data set (files or a hub set, and how its rows read), and the
+pair a multistep phase alternates between."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from harness.plan.fields import Strict
+
+class DataSpec(Strict):
+    """One data set: local files (text, jsonl, parquet, compressed jsonl/text) or a hub name when online.
+    Tokenized once into a token store (see harness/records/token_store.py) that every rank reads rows from."""
+
+    files: list[str] = []
+    """Files or globs ("shards/*.jsonl.gz"), relative to the plan; globs expand in sorted order."""
+    hub: str | None = None
+    """A Hugging Face hub dataset name, streamed while tokenizing (needs a network)."""
+    split: str = "train"
+    """hub: the split to read."""
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    """pretrain: the column with the text (json/parquet)."""
+    prompt_field: str = "prompt"
+    """finetune: the column with the prompt."""
+    response_field: str = "response"
+    """finetune: the column with the response (the only tokens with loss)."""
+    # ---- fine-tune row shapes and packing (harness/objectives/finetune.py and chat.py read the rows) ----
+    rows: Literal["prompt_response", "alpaca", "chat"] = "prompt_response"
+    """finetune: what a row holds. prompt_response: two text columns (prompt_field, response_field),
+    trained as prompt + response + end-of-sequence, no template. alpaca: instruction, optional input,
+    output, optional system and history. chat: a list of messages, {role, content} with roles
+    system/user/assistant, or sharegpt's {from, value} with human/gpt/system. alpaca and chat rows
+    are rendered with the tokenizer's chat template (the built-in one when it has none, saved with the
+    handoff model), with loss on every assistant turn and the end-of-turn token that closes it."""
+    instruction_field: str = "instruction"
+    """alpaca: the column with the instruction (the user turn)."""
+    input_field: str = "input"
+    """alpaca: the optional column with more context, appended to the instruction after a blank line."""
+    output_field: str = "output"
+    """alpaca: the column with the response (the assistant turn)."""
+    system_field: str = "system"
+    """alpaca: the optional column with a system prompt."""
+    history_field: str = "history"
+    """alpaca: the optional column with earlier turns, a list of [instruction, response] pairs (trained too)."""
+    messages_field: str | None = None
+    """chat: the column with the messages; unset: 'messages' or 'conversations' (sharegpt), whichever a row has."""
+    packing: bool = False
+    """finetune: lay the rows of each micro batch end to end in one sequence, without padding; each
+    row attends only to itself and its positions restart at 0 (flash attention's variable-length
+    path on GPU when flash-attn is installed, a block-diagonal mask otherwise). Rows per step, epochs
+    and the loss are unchanged; the compute padding took is gone (raise micro_batch to use it)."""
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    """Held-out share for evaluation (taken deterministically from the end after shuffling with the seed)."""
+    eval_max_samples: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if bool(self.files) == bool(self.hub):
+            raise ValueError("give exactly one of files or hub")
+        return self
+
+    def resolved_format(self) -> str:
+        """'text', 'json' or 'parquet'; a compressed file by the suffix under .gz, .bz2, .xz or .zst."""
+        if self.format != "auto" or not self.files:
+            return self.format
+        name = self.files[0].lower()
+        for compressed in (".gz", ".bz2", ".xz", ".zst"):
+            name = name.removesuffix(compressed)
+        return {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(name).suffix, "text")
+
+
+class MixSpec(Strict):
+    """How a multistep stage draws its batches when it trains on both data sets."""
+
+    pretrain: float = Field(0.5, ge=0, le=1)
+    finetune: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> MixSpec:
+        if abs(self.pretrain + self.finetune - 1.0) > 1e-6:
+            raise ValueError(f"mix ratios must sum to 1, got {self.pretrain} + {self.finetune}")
+        return self
+
+
+class MultistepData(Strict):
+    """Data of a multistep phase: both sets, and how stages mix them."""
+
+    pretrain: DataSpec
+    finetune: DataSpec
+    mix: Literal["alternate"] | MixSpec = "alternate"
+    """'alternate': steps alternate pretrain/finetune; or ratios, e.g. {pretrain: 0.7, finetune: 0.3}."""
