@@ -17,7 +17,6 @@ import textwrap
 from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 
@@ -33,7 +32,8 @@ SHOWN_AS = {StageOverride: StageSettings}
 # Blocks a plan holds outside the schema: load.parse_plan merges `defaults:` under every phase first.
 OUTSIDE_THE_SCHEMA = {"defaults": TrainSettings}
 WORDS = {int: "integer", float: "number", str: "text", bool: "true or false", Any: "anything"}
-BOUNDS = {annotated_types.Ge: ">=", annotated_types.Gt: ">", annotated_types.Le: "<=", annotated_types.Lt: "<"}
+# Field(ge=1, lt=2, min_length=1, pattern=...) lands in FieldInfo.metadata as objects with these attributes.
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
 def blocks(root: type[BaseModel] = Plan) -> dict[type[BaseModel], list[str]]:
@@ -98,10 +98,9 @@ def words(annotation: Any) -> str:
     """A field type as a reader says it: 'list of integer', 'one of `auto`, `off`'."""
     origin, args = get_origin(annotation), get_args(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        model = SHOWN_AS.get(annotation, annotation)
-        return f"[{model.__name__}](#{model.__name__.lower()})"
+        return link(SHOWN_AS.get(annotation, annotation))
     if origin is Literal:
-        return ("one of " if len(args) > 1 else "") + ", ".join(f"`{json.dumps(a).strip(chr(34))}`" for a in args)
+        return ("one of " if len(args) > 1 else "") + ", ".join(f"`{value}`" for value in args)
     if origin in (Union, UnionType):
         return " or ".join(words(arg) for arg in args if arg is not NoneType)
     if origin is Annotated:
@@ -113,6 +112,11 @@ def words(annotation: Any) -> str:
     if origin is dict:
         return "mapping" if args[1] is Any else f"mapping of {words(args[0])} to {words(args[1])}"
     return WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def link(model: type[BaseModel]) -> str:
+    """A link to the block's section of the reference (GitHub's anchor of its heading)."""
+    return f"[{model.__name__}](#{model.__name__.lower()})"
 
 
 def validated_text(metadata: tuple | list) -> str:
@@ -129,19 +133,19 @@ def validated_text(metadata: tuple | list) -> str:
 def field_type(field: FieldInfo) -> str:
     """The field's type in words with its bounds: 'integer >= 1', 'text matching `^...$`'."""
     text = validated_text(field.metadata) or words(field.annotation)
-    signs = [f"{sign} {getattr(item, kind.__name__.lower())}" for item in field.metadata  # Ge(ge=1): '>= 1'
-             for kind, sign in BOUNDS.items() if isinstance(item, kind)]
+    signs = [f"{sign} {value}" for item in field.metadata for bound, sign in BOUNDS.items() if (value := getattr(item, bound, None)) is not None]
     if signs:
         text += " " + " and ".join(signs)
     for item in field.metadata:
-        if isinstance(item, annotated_types.MinLen):
+        if getattr(item, "min_length", None) is not None:
             text += f", at least {item.min_length}"
-        if getattr(item, "pattern", None):
+        if getattr(item, "pattern", None) is not None:
             text += f" matching `{item.pattern}`"
     return text
 
 
 def default(field: FieldInfo) -> str:
+    """'required', 'unset', or the default as a plan would spell it: 'default `auto`'."""
     if field.is_required():
         return "required"
     if field.default is None:
@@ -160,11 +164,12 @@ def prose(text: str) -> str:
 
 
 def place(path: str) -> str:
+    """Where a block sits in a plan, as the reference says it."""
     return f"`{path}`" if path else "the top level of the plan file"
 
 
 def render(root: type[BaseModel] = Plan) -> str:
-    """docs/PLAN.md."""
+    """The text of docs/PLAN.md."""
     found = blocks(root)
     lines = [
         "# Plan reference",
@@ -178,14 +183,13 @@ def render(root: type[BaseModel] = Plan) -> str:
         "A whole plan is shown in the [README](../README.md#the-plan); a plan that breaks a rule below is",
         "refused before anything is written, each problem with its field, value and what is allowed.",
         "",
-        "Blocks: " + ", ".join(f"[{model.__name__}](#{model.__name__.lower()})" for model in found) + ".",
+        "Blocks: " + ", ".join(link(model) for model in found) + ".",
     ]
     for model, paths in found.items():
         lines += ["", f"## {model.__name__}", "", "In a plan: " + ", ".join(place(path) for path in dict.fromkeys(paths)) + ".", ""]
         lines.append(prose(inspect.cleandoc(model.__doc__ or "")))
-        base_names = [f"[{base.__name__}](#{base.__name__.lower()})" for base in extended(model)]
-        if base_names:
-            lines += ["", f"Besides every field of {', '.join(base_names)}:"]
+        if extended(model):
+            lines += ["", f"Besides every field of {', '.join(link(base) for base in extended(model))}:"]
         lines.append("")
         docs = field_docs(model)
         for name in own_fields(model):
