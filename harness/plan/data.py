@@ -20,6 +20,9 @@ class DataSpec(Strict):
     split: str = "train"
     """hub: the split to read."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """How the files read. text: plain text, one document per paragraph (blank-line separated); json:
+    JSON Lines or one JSON array of rows; parquet. auto: from the first file's suffix (.jsonl and .json:
+    json, .parquet: parquet, anything else: text), under a compression suffix such as .gz."""
     text_field: str = "text"
     """pretrain: the column with the text (json/parquet)."""
     prompt_field: str = "prompt"
@@ -54,6 +57,7 @@ class DataSpec(Strict):
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     """Held-out share for evaluation (taken deterministically from the end after shuffling with the seed)."""
     eval_max_samples: int = Field(64, ge=1)
+    """At most this many held-out samples (rows, or pretrain blocks of seq_len tokens)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -75,7 +79,9 @@ class MixSpec(Strict):
     """How a multistep stage draws its batches when it trains on both data sets."""
 
     pretrain: float = Field(0.5, ge=0, le=1)
+    """Share of steps that draw from the pretrain set."""
     finetune: float = Field(0.5, ge=0, le=1)
+    """Share of steps that draw from the finetune set; the two shares sum to 1."""
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> MixSpec:
@@ -88,6 +94,8 @@ class MultistepData(Strict):
     """Data of a multistep phase: both sets, and how stages mix them."""
 
     pretrain: DataSpec
+    """Text the pretrain objective reads (packed blocks of seq_len)."""
     finetune: DataSpec
+    """Rows the finetune objective reads (loss on responses only)."""
     mix: Literal["alternate"] | MixSpec = "alternate"
     """'alternate': steps alternate pretrain/finetune; or ratios, e.g. {pretrain: 0.7, finetune: 0.3}."""

@@ -42,14 +42,24 @@ class OptimizerSpec(Strict):
     """One optimizer; only the parameters that its type takes are allowed."""
 
     type: str = "AdamW"
+    """AdamW, Adam, SGD, Adagrad, RMSprop, Lamb or Lion, spelled in any case (sgd, adamw). On CPU
+    Lamb and Lion need offload.optimizer (they fail on CPU in DeepSpeed 0.19.8)."""
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate; the scheduler shapes it, trainable.lr_scale and layer_decay scale it per group."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for AdamW); regularization with l2_mode weight_decay sets it instead."""
     betas: tuple[float, float] | None = None
+    """Adam, AdamW, Lamb, Lion: the moment coefficients; unset: the optimizer's own default."""
     eps: float | None = Field(None, gt=0)
+    """Adam, AdamW, Adagrad, Lamb, RMSprop: the denominator's epsilon; unset: the optimizer's own default."""
     momentum: float | None = Field(None, ge=0, lt=1)
+    """SGD, RMSprop: momentum; unset: none."""
     nesterov: bool | None = None
+    """SGD: Nesterov momentum (needs momentum > 0)."""
     dampening: float | None = Field(None, ge=0)
+    """SGD: dampening of the momentum."""
     alpha: float | None = Field(None, gt=0)
+    """RMSprop: the smoothing constant."""
 
     @model_validator(mode="before")
     @classmethod
@@ -84,10 +94,14 @@ class SchedulerSpec(Strict):
     """Learning-rate schedule; its length is computed from the phase's steps."""
 
     type: Literal["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle"] = "WarmupLR"
+    """DeepSpeed's schedulers. none: a constant lr; WarmupLR: a linear warmup, then constant;
+    WarmupDecayLR: the warmup, then a linear decay to 0; WarmupCosineLR: the warmup, then a cosine down
+    to min_lr_ratio; OneCycle: up to lr over the first half, down to min_lr_ratio x lr over the second.
+    Their length is the stage's steps (span: phase: the phase's)."""
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     """Fraction of the stage's steps spent warming up."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Cosine/decay floor as a fraction of the peak lr."""
+    """WarmupCosineLR's floor and OneCycle's lowest lr, as a fraction of the peak lr."""
     span: Literal["stage", "phase"] = "stage"
     """multistep: one schedule per stage, or one schedule across the whole phase (each stage
     continues it where the previous stage stopped)."""
@@ -110,6 +124,9 @@ class RegularizationSpec(Strict):
     l2: float = Field(0.0, ge=0)
     """Adds l2 * sum(w^2) to the loss (mode 'penalty'), or is the optimizer's weight_decay (mode 'weight_decay')."""
     l2_mode: Literal["penalty", "weight_decay"] = "penalty"
+    """penalty: l2 x sum(w^2) added to the loss (under ZeRO-3 each rank adds its shard's gradient and the
+    values are summed across ranks); weight_decay: l2 passed to the optimizer as its weight decay, on
+    the same parameters."""
     include_1d: bool = False
     """Also regularize biases and norm weights (1-D parameters), by penalty or as weight decay; off by default."""
 
@@ -226,11 +243,14 @@ class TrainSettings(Strict):
     """Settings a phase (and a multistep stage) may set; unset ones come from defaults."""
 
     steps: int | None = Field(None, ge=1)
+    """Length in optimizer steps. A phase (or stage) gives steps, tokens, or (finetune, local files)
+    epochs; when it gives several, steps wins, then tokens."""
     epochs: float | None = Field(None, gt=0)
     """finetune only: passes over the training rows."""
     tokens: int | None = Field(None, ge=1)
     """Token budget: steps = ceil(tokens / (global_batch * seq_len))."""
     seq_len: int = Field(128, ge=8)
+    """Tokens per sample: pretrain text is packed into blocks of seq_len; fine-tune rows are cut to it."""
     micro_batch: MicroBatch = 4
     """Samples per forward on each rank; `auto`: the largest that fits, found by a short probe at
     the stage's start (harness/worker/batch_probe.py), with global_batch kept by the accumulation
@@ -241,13 +261,21 @@ class TrainSettings(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel; 1 optimizer states partitioned across ranks; 2
+    gradients too; 3 parameters too (the model is built partitioned). It may change between phases."""
     offload: OffloadSpec = OffloadSpec()
+    """ZeRO offload of optimizer states or parameters to CPU memory."""
     optimizer: OptimizerSpec = OptimizerSpec()
+    """The optimizer. A block of another type than the one it overrides (in defaults, or a multistep
+    stage's phase) replaces that block instead of merging into it."""
     scheduler: SchedulerSpec = SchedulerSpec()
+    """The learning-rate schedule."""
     regularization: RegularizationSpec = RegularizationSpec()
+    """L1 and L2 penalties."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clipping; 0 turns it off (DeepSpeed 0.19.8 defaults to 1.0 if unset)."""
     checkpoint_every: int = Field(50, ge=1)
+    """Save a DeepSpeed checkpoint every n optimizer steps (the stage's end always saves one, with its handoff)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete DeepSpeed checkpoints kept per stage: older ones are deleted once a newer one is
     complete. The newest is what a resume and the next stage's full_state load use."""
@@ -258,7 +286,9 @@ class TrainSettings(Strict):
     """Largest safetensors file of the handoff model; more weights go to several files plus
     model.safetensors.index.json. Writing streams tensor by tensor, so this costs no memory."""
     eval_every: int = Field(50, ge=1)
+    """Evaluate on the held-out data every n steps, and at the stage's last step."""
     eval_batches: int = Field(4, ge=1)
+    """Held-out micro batches per evaluation's loss, at most."""
     eval_on_start: bool = False
     """Also evaluate before the stage's first step (logged as stage_step 0): what the previous stage
     handed over, e.g. a task metric after pretraining next to the same metric after fine-tuning.
@@ -281,7 +311,10 @@ class TrainSettings(Strict):
     rank (parameters x bytes per parameter of the training dtype: 4 in fp32, 2 in bf16) on top of
     the rank's shards; false keeps ZeRO-3's partitioned memory for a model that fits only that way."""
     log_every: int = Field(1, ge=1)
+    """Log a train row every n steps to metrics.jsonl and W&B (which wandb.log_every thins further);
+    eval steps and the last step always log."""
     seed: int = 1234
+    """Seeds the model's random init, the held-out split and the order of the samples."""
     nodes: int | None = Field(None, ge=1)
     """Override cluster.nodes for this phase (world size may change between phases)."""
     procs_per_node: int | None = Field(None, ge=1)
