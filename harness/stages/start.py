@@ -47,7 +47,7 @@ def _changed(what: str, values: tuple[Any, Any], before: EngineIdentity, now: En
     if what == "trainable set":
         return f"trainable set changed ({trained_count(before)} -> {trained_count(now)} parameters; moments exist only for trained ones)"
     if what == "adapter":
-        return f"adapter changed ({adapter_text(values[0])} -> {adapter_text(values[1])}; the previous stage's merged model)"
+        return f"adapter changed ({adapter_text(values[0])} -> {adapter_text(values[1])}: from the merged model)"
     if what == "trainable groups":
         return f"trainable groups changed (the same parameters ({trained_count(now)}) in other lr groups; moments are kept per group)"
     return f"{what} changed ({values[0]} -> {values[1]})"
