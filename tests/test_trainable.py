@@ -170,7 +170,7 @@ def test_bad_selectors_exit_2_before_anything_is_written(tmp_path, trainable, sa
 
 # ---- stages: the trainable set travels with the stage -------------------------------------
 
-def tiny_llama_table() -> ParamTable:
+def tiny_llama_table(adapter=None) -> ParamTable:
     from harness.plan import ModelSpec
     from harness.worker.model import architecture, byte_tokenizer
 

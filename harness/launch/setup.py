@@ -23,7 +23,7 @@ from harness.launch.jobs import read_param_table, validate_with_deepspeed
 from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
 from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
-from harness.records import ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
+from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
 from harness.stages import Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, start_decision
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
 from harness.stages.resume import ds_config_for, resume_point
@@ -73,8 +73,13 @@ def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dic
     plan = load_plan(plan_path, objectives.file_problem)
     accelerator = detect_accelerator(plan.cluster.accelerator)
     local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
-    # The model's parameter names, read (in a child process) only if some stage's trainable set needs them.
-    model_params = functools.cache(lambda: read_param_table(plan.model))
+    # The model's parameter names, read (in a child process) only if some stage's trainable set needs
+    # them: once for the model, once per adapter (its JSON is the cache key).
+    tables = functools.cache(lambda adapter_json: read_param_table(plan.model, Adapter.model_validate_json(adapter_json) if adapter_json else None))
+
+    def model_params(adapter: Adapter | None):
+        return tables(adapter.model_dump_json() if adapter else None)
+
     stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params,
                            wandb_mode=resolve_mode(plan.wandb.mode))
     configs = [get_train_ds_config(stage) for stage in stages]

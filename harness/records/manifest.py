@@ -7,7 +7,7 @@ import json
 from typing import Any, Literal
 
 from harness.records.checkpoints import MANIFEST_FORMAT, LoadRecord, ResumeRecord
-from harness.records.engine import EngineIdentity
+from harness.records.engine import Adapter, EngineIdentity
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files
 from harness.records.layout import StageDir
 
@@ -39,6 +39,8 @@ class TrainableRecord(Record):
     frozen_digest_start: str
     frozen_digest_end: str
     """Digest of the frozen parameters ('none' when nothing is frozen), gathered from the engine."""
+    adapter: Adapter | None = None
+    """The adapter trained on the frozen base (its matrices and copies are the trained parameters)."""
 
 
 

@@ -12,12 +12,15 @@ from typing import Any, Callable, Literal
 
 from harness.objectives import OBJECTIVES
 from harness.plan import CPU_UNSUPPORTED_OPTIMIZERS, DataSpec, MultistepData, PhaseSpec, Plan, PlanError, Problem, TrainSettings
+from harness.records import Adapter
 from harness.stages import fast, trainable
+from harness.stages.adapter import resolve_adapter
 from harness.stages.params import ParamTable
 from harness.stages.stage import ModelShape, Stage, StageData, model_shape
 
 RowCounter = Callable[[DataSpec], int]
-ParamLister = Callable[[], ParamTable]
+ParamLister = Callable[[Adapter | None], ParamTable]
+"""The model's parameter table, or that of the model with an adapter applied."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
                   wandb_mode: Literal["online", "offline", "disabled"]) -> list[Stage]:
     """Every stage of the plan, in order (model_config: the model's config.json; local_gpus: the GPUs
     of this machine, which a local launch on cuda must not exceed, None when unknown or irrelevant;
-    model_params: the model's parameters, asked for only when a stage's trainable set needs them;
+    model_params: the model's parameters (with an adapter applied, when given one), asked for only
+    when a stage's trainable set needs them;
     wandb_mode: the plan's W&B mode as resolved on the launch side, harness/launch/wandb_mode.py).
     Raises PlanError naming the field on a rule that needs the resolved numbers (batch split, rows,
     device support, trainable selectors)."""
@@ -158,7 +162,13 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
     if trainable.needs_resolving(settings):
         if context.model_params is None:
             raise _StageProblem("trainable", settings.trainable.model_dump(), "the default (every parameter) here: no parameter list was given")
-        trainable_set, trainable_problems = trainable.resolve(settings, context.model_params())
+        table, adapter = context.model_params(None), None
+        if settings.trainable.adapter is not None:
+            adapter, adapter_problems = resolve_adapter(settings.trainable.adapter, table, accelerator)
+            if adapter_problems:
+                raise _StageProblem(*adapter_problems[0], *adapter_problems[1:])
+            table = context.model_params(adapter)
+        trainable_set, trainable_problems = trainable.resolve(settings, table, adapter)
         if trainable_problems:
             raise _StageProblem(*trainable_problems[0], *trainable_problems[1:])
     return Stage(

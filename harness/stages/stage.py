@@ -126,7 +126,8 @@ def engine_identity(stage: Stage) -> EngineIdentity:
     s, chosen = stage.settings, stage.trainable
     return EngineIdentity(optimizer=stage.optimizer_type, zero_stage=s.zero_stage, world_size=stage.world_size, dtype=stage.precision,
                           offload=s.offload, model=stage.model, trained=chosen.trained() if chosen else "all",
-                          layout=chosen.layout() if chosen else "all", trainable_params=chosen.trainable_params if chosen and chosen.frozen else None)
+                          layout=chosen.layout() if chosen else "all", trainable_params=chosen.trainable_params if chosen and chosen.frozen else None,
+                          adapter=chosen.adapter if chosen else None)
 
 
 class StageFile(Record):

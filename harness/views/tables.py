@@ -37,7 +37,11 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
             print(f"  fast: {note}")
         if stage.micro_batch_candidates:
             print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start")
-        for group in stage.trainable.groups if stage.trainable else ():
+        chosen = stage.trainable
+        if chosen is not None and chosen.adapter is not None:
+            print(f"  adapter {chosen.adapter.describe()}: {chosen.trainable_params:,} of {chosen.total_params:,} parameters train "
+                  f"({chosen.share:.2%}); the base's {chosen.total_params - chosen.added_params:,} are frozen")
+        for group in chosen.groups if chosen else ():
             print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
     for stage in setup.stages:
         resume = setup.resumes.get(stage.index)
@@ -61,7 +65,8 @@ def _trains(stage: Stage) -> tuple[str, str]:
         return "all (100%)", f"1: {stage.settings.optimizer.lr:.3g}"
     lrs = sorted(g.lr for g in chosen.groups)
     span = f"{lrs[0]:.3g}" if lrs[0] == lrs[-1] else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
-    return f"{chosen.trainable_params:,} ({chosen.share:.1%})", f"{len(lrs)}: {span}"
+    adapter = f"{chosen.adapter.type} " if chosen.adapter else ""
+    return f"{adapter}{chosen.trainable_params:,} ({chosen.share:.1%})", f"{len(lrs)}: {span}"
 
 
 def _start_of(setup, stage: Stage) -> str:

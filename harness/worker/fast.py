@@ -19,6 +19,7 @@ import torch
 
 from harness.records import FastRecord
 from harness.stages import Stage
+from harness.worker.adapter import base_model
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2", "flash-or-sdpa": "flash_attention_2"}
 
@@ -52,7 +53,8 @@ class FastPath:
 
     # ---- before deepspeed.initialize --------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """The attention kernel, then Liger's kernels, on the model instance."""
+        """The attention kernel, then Liger's kernels, on the model instance (an adapter's base)."""
+        model = base_model(model)
         wanted = self.choice.attention
         if wanted == "flash-or-sdpa" and importlib.util.find_spec("flash_attn") is None:
             wanted = "sdpa"  # fast: auto asks for flash attention only where it is installed

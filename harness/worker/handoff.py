@@ -21,6 +21,7 @@ keep_checkpoints complete checkpoints of a stage are kept.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from harness.records import (CHECKPOINT_COMPLETE, CheckpointRecord, LoadRecord, 
                              StageDir, StartDecision, StartRecord, TrainableRecord, file_check, folder_checks, read_manifest)
 from harness.stages import Stage, engine_identity
 from harness.stages.trainable import trainable_record
+from harness.worker.adapter import ADAPTER_CONFIG, base_model, write_adapter_folder
 from harness.worker.faults import fault_point
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
 from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
@@ -56,6 +58,10 @@ class StartPoint:
     """(folder, tag) of a DeepSpeed checkpoint to load after initialize."""
     previous: Manifest | None = None
     """The previous stage's manifest."""
+    adapter_base: str | None = None
+    """The Hugging Face folder an adapter trained from here applies to (its adapter folder's
+    base_model_name_or_path): the start weights', or, when the adapters are carried (full_state),
+    the previous stage's adapter base; None for a built-in model."""
 
     def record(self) -> LoadRecord:
         return LoadRecord(mode=self.mode, reason=self.reason, source=str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan"))
@@ -67,14 +73,17 @@ def start_point(stage: Stage, decision: StartDecision, previous: StageDir | None
     verify_files=False: the previous stage ran in this launch and checksummed its files as it
     wrote them; they are not read back (the start weights are still checked against its digest)."""
     if decision.mode == "init":
-        return StartPoint(decision.mode, decision.reason)
+        return StartPoint(decision.mode, decision.reason, adapter_base=stage.model.path)
     manifest = read_manifest(previous, verify_files)
     found = manifest.engine
     if found != decision.previous:
         raise RuntimeError(f"stage {stage.name}: {previous.manifest} records {found.model_dump()}, but {decision.mode} was decided for "
                            f"{decision.previous.model_dump()}: run `harness run` (or `plan`) again so that the launch side decides anew")
     checkpoint = (previous.checkpoints, manifest.checkpoint_tag) if decision.mode == "full_state" else None
-    return StartPoint(decision.mode, decision.reason, previous.model, checkpoint, manifest)
+    base = str(previous.model)
+    if checkpoint is not None and manifest.engine.adapter is not None:
+        base = json.loads((previous.adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return StartPoint(decision.mode, decision.reason, previous.model, checkpoint, manifest, adapter_base=base)
 
 
 class Checkpointer:
@@ -90,6 +99,7 @@ class Checkpointer:
         on the launch side), or load what the start point names and check its weights against
         the previous stage's digest. Rank 0 writes started.json the first time and appends each
         resume to it, so the original handoff record is kept. Collective."""
+        self._adapter_base = start.adapter_base
         progress = self._resume(resume) if resume.mode != "fresh" else self._start(start)
         self._frozen_at_start = self.strategy.frozen_digest()
         return progress
@@ -189,14 +199,15 @@ class Checkpointer:
         """The Hugging Face folder, from the fp32 master weights streamed parameter by parameter
         (collective: every rank takes part in each gather); rank 0 writes the files and digests
         the weights as they pass. Returns the manifest's weight fields (rank 0; {} elsewhere)."""
-        weights = self.strategy.full_fp32_params()
+        adapter_tensors: dict[str, torch.Tensor] = {}
+        weights = self.strategy.model_weights(adapter_tensors)
         if not self.strategy.is_rank0:
             for _ in weights:
                 pass
             return {}
         dtype = self.stage.handoff_dtype
         folder = self.dir.model
-        save_hf_config(folder, model, tokenizer, DTYPES[dtype])
+        save_hf_config(folder, base_model(model), tokenizer, DTYPES[dtype])
         writer = SafetensorsWriter(folder, self.strategy.full_shapes(), DTYPES[dtype], self.stage.settings.handoff_shard_bytes)
         master = WeightsDigest()
         stored = WeightsDigest() if dtype != "fp32" else None
@@ -208,6 +219,9 @@ class Checkpointer:
             writer.add(name, weight)
         writer.close()
         files = {f"{folder.name}/{name}": check for name, check in writer.checksums.items()}
+        if self.strategy.adapter is not None:
+            checks = write_adapter_folder(self.dir.adapter, model, adapter_tensors, base=self._adapter_base)
+            files.update({f"{self.dir.adapter.name}/{name}": check for name, check in checks.items()})
         for path in folder.rglob("*"):  # config and tokenizer files: small
             if path.is_file() and path.name not in writer.checksums:
                 files[str(path.relative_to(folder.parent))] = file_check(path)

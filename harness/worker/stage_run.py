@@ -15,6 +15,7 @@ from harness.records import BatchRecord, Progress, RunDir, StageDir
 from harness.records.console import eval_summary, stage_prefix
 from harness.records.environment import STOP_FILE_VAR
 from harness.stages import Stage, StageFile, stage_stores
+from harness.worker.adapter import adapted
 from harness.worker.batch_probe import batch_shape
 from harness.worker.data import TokenizedSet
 from harness.worker.evaluate import eval_metrics
@@ -92,7 +93,7 @@ class StageRun:
         def probe_model():  # micro_batch auto's throwaway engine: the stage's architecture, weights not read
             model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=False)
             prepare_model(model, tokenizer, stage)
-            return model
+            return adapted(model, stage)
 
         batch = batch_shape(stage, stage_dir, strategy, probe_model)
         record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
@@ -105,6 +106,7 @@ class StageRun:
             model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
         prepare_model(model, tokenizer, stage)
         fast.prepare_model(model)
+        model = adapted(model, stage)
         record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
         s = stage.settings
         sets = {kind: open_data(request, s.seq_len, s.seed, tokenizer.pad_token_id) for kind, request in stage_stores(stage).items()}
