@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, harness, make_plan, pretrain_phase, write_plan
-from harness.cli import main
+from conftest import REPO, cli, harness, make_plan, pretrain_phase, write_plan
 from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, PlanError, parse_plan
 from harness.records import CheckpointRecord, Progress, StageDir
 from harness.stages import engine_identity, expand_stages
@@ -108,16 +107,16 @@ def test_micro_batch_auto_starts_its_probe_at_the_largest_the_estimate_fits():
     assert capped.memory.decisions[-1].field == "micro_batch" and "starts at 4" in capped.memory.decisions[-1].reason
 
 
-def test_a_plan_no_configuration_fits_exits_2_with_the_changes_that_would(tmp_path: Path, capsys):
+def test_a_plan_no_configuration_fits_exits_2_with_the_changes_that_would(tmp_path: Path):
     # activations fill the rank: checkpointing or a smaller micro batch would fit, more ranks would not
     long = dict(config=SMALL, seq_len=1024, micro_batch=8, zero_stage=1)
     plan = make_plan("t", [pretrain_phase("p", **{k: v for k, v in long.items() if k != "config"}, global_batch=16)], port=30500,
                      model={"builtin": "small-llama"})
     plan["cluster"]["rank_memory_gb"] = total(**long, activation_checkpointing="full") * (1 + MARGIN) / GB + 0.01
     out = tmp_path / "run"
-    assert main(["plan", str(write_plan(tmp_path, plan)), "--out", str(out)]) == 2
-    assert not out.exists()
-    message = capsys.readouterr().err
+    refused = cli("plan", write_plan(tmp_path, plan), "--out", out)
+    assert refused.returncode == 2 and not out.exists()
+    message = refused.stderr
     assert f"phases[0].memory: '{total(**long) / GB:.2f} GB per rank' -> at most" in message
     assert "The estimate (ZeRO-1): runtime 0.50 + weights" in message and "max(forward: activations" in message  # the breakdown
     changes = message.split("Changes that would fit: ")[1].strip().split("; ")
@@ -197,7 +196,7 @@ def test_a_capped_auto_plan_runs_zero3_with_checkpointing_and_records_why(tmp_pa
                      model={"path": str(tmp_path / "model"), "tokenizer": "bytes"})
     plan["cluster"]["rank_memory_gb"] = (only + min(others)) / 2 * (1 + MARGIN) / GB
     path, out = write_plan(tmp_path, plan), tmp_path / "run"
-    shown = harness("plan", path, "--out", out, check=True).stdout
+    shown = cli("plan", path, "--out", out, check=True).stdout
     assert "zero_stage auto -> 3: ZeRO-3, checkpointing full:" in shown and "activation_checkpointing auto -> full" in shown
     harness("run", path, "--out", out, check=True)
     stage_dir = out / "phases" / "00-p"
