@@ -34,7 +34,7 @@ DELETE = object()
 
 # (change to a good plan, field path in the message, words of what is allowed)
 CASES = [
-    ("phases.0.zero_stage", 4, "phases[0].zero_stage", "0, 1, 2 or 3"),
+    ("phases.0.zero_stage", 4, "phases[0].zero_stage", "0, 1, 2, 3 or 'auto'"),
     ("phases.0.optimizer", {"type": "Adamax", "lr": 0.1}, "phases[0].optimizer", "unknown optimizer type 'Adamax'"),
     ("phases.0.optimizer", {"type": "AdamW", "lr": -0.1}, "phases[0].optimizer.lr", "greater than 0"),
     ("phases.0.optimizer", {"type": "SGD", "lr": 0.1, "betas": [0.9, 0.99]}, "phases[0].optimizer", "SGD does not take ['betas']"),
@@ -129,7 +129,7 @@ def test_cli_exits_2_and_writes_and_launches_nothing(tmp_path: Path, command):
     out = tmp_path / "run"
     result = cli(command, write_plan(tmp_path, plan), "--out", out)
     assert result.returncode == 2
-    assert "phases[0].zero_stage: 4 -> Input should be 0, 1, 2 or 3" in result.stderr
+    assert "phases[0].zero_stage: 4 -> Input should be 0, 1, 2, 3 or 'auto'" in result.stderr
     assert not out.exists()
     assert "deepspeed" not in result.stdout.lower()
 

@@ -205,7 +205,8 @@ def test_wandb_config_holds_the_trainable_set_and_each_groups_lr():
 def test_plan_shows_what_each_stage_trains_its_lr_groups_and_load_mode(tmp_path):
     result = cli("plan", REPO / "plans" / "parts.yaml", "--out", tmp_path / "run", check=True)
     rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│")}
-    assert rows["refine.c1.s1-upper-sgd"][10:14] == ["sdpa", "62,976 (50.1%)", "1: 0.1", "weights_only"]
-    assert rows["refine.c1.s3-all-adamw"][10:14] == ["sdpa", "125,632 (100.0%)", "3: 0.00064..0.002", "weights_only"]
+    skip_memory = [10, 11, 12, 14]  # column 13: the memory estimate against this machine's
+    assert [rows["refine.c1.s1-upper-sgd"][k] for k in skip_memory] == ["sdpa", "62,976 (50.1%)", "1: 0.1", "weights_only"]
+    assert [rows["refine.c1.s3-all-adamw"][k] for k in skip_memory] == ["sdpa", "125,632 (100.0%)", "3: 0.00064..0.002", "weights_only"]
     assert "stage 02 refine.c1.s2-lower-momentum: load weights_only: trainable set changed (62,976 -> 62,784 parameters" in result.stdout
     assert "  lr group embeddings: 16,576 params, lr 0.00064 (x0.32)" in result.stdout

@@ -18,11 +18,11 @@ from typing import Any
 
 from harness import objectives
 from harness.launch.command import deepspeed_binary, launcher_command
-from harness.launch.hosts import hostfile_path, local_gpu_count
+from harness.launch.hosts import hostfile_path, local_gpu_count, machine_memory
 from harness.launch.jobs import read_param_table, validate_with_deepspeed
 from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
-from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
+from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
 from harness.stages import Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, start_decision
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
@@ -61,10 +61,24 @@ def count_train_rows(spec: DataSpec) -> int:
 
 
 def model_config(model: ModelSpec) -> dict[str, Any]:
-    """The model's config.json (a built-in's config), for the shape the DeepSpeed config needs."""
+    """The model's config.json (a built-in's config, with its tokenizer's vocabulary), for the shape the
+    DeepSpeed config and the memory estimate need."""
     if model.builtin is not None:
-        return BUILTIN_CONFIGS[model.builtin]
+        return {**BUILTIN_CONFIGS[model.builtin], "vocab_size": tokenizer_vocab(model.tokenizer)}
     return json.loads((Path(model.path) / "config.json").read_text())
+
+
+def tokenizer_vocab(tokenizer: str | None) -> int:
+    """Tokens of a tokenizer as the worker sizes a built-in model to it: the byte tokenizer's, or the
+    ids of a folder's tokenizer.json (its model's vocabulary and added tokens)."""
+    path = Path(tokenizer or "") / "tokenizer.json"
+    if tokenizer in (None, "bytes") or not path.is_file():
+        return BYTE_VOCAB
+    spec = json.loads(path.read_text())
+    vocab = spec.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [token["id"] for token in spec.get("added_tokens", [])]
+    return max(ids, default=BYTE_VOCAB - 1) + 1
 
 
 def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
@@ -81,7 +95,7 @@ def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dic
         return tables(adapter.model_dump_json() if adapter else None)
 
     stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params,
-                           wandb_mode=resolve_mode(plan.wandb.mode))
+                           wandb_mode=resolve_mode(plan.wandb.mode), machine=machine_memory())
     configs = [get_train_ds_config(stage) for stage in stages]
     problems, sound = [], []
     for stage, config, where in zip(stages, configs, stage_fields(plan)):

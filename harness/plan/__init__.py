@@ -17,14 +17,14 @@ from harness.plan.data import DataSpec, MixSpec, MultistepData
 from harness.plan.errors import PlanError, Problem
 from harness.plan.fields import NAME_PATTERN, Strict, is_secret
 from harness.plan.load import default_cache_dir, load_plan, parse_plan
-from harness.plan.model import BUILTIN_CONFIGS, ModelSpec
+from harness.plan.model import BUILTIN_CONFIGS, BYTE_VOCAB, ModelSpec
 from harness.plan.model_source import TOKENIZER_FILES
 from harness.plan.phases import OBJECTIVE_KINDS, PhaseSpec, Plan, StageSettings, deep_merge
 from harness.plan.training import (ALL_LINEAR, CPU_UNSUPPORTED_OPTIMIZERS, LAYER_RANGE, AdapterSpec, FastParts, MetricName, OffloadSpec, OptimizerSpec,
                                    RegularizationSpec, SchedulerSpec, TrainableSpec, TrainSettings)
 
 __all__ = [
-    "ALL_LINEAR", "AdapterSpec", "BUILTIN_CONFIGS", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
+    "ALL_LINEAR", "AdapterSpec", "BUILTIN_CONFIGS", "BYTE_VOCAB", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
     "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
     "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",

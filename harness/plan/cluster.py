@@ -36,6 +36,13 @@ class ClusterSpec(Strict):
     env: dict[EnvName, ShellWord] = {}
     """Environment for every rank (written to .deepspeed_env for remote nodes). No secrets: the plan
     is copied into the run folder; export them in the shell that runs harness."""
+    rank_memory_gb: float | None = Field(None, gt=0)
+    """The memory each rank may use, in GB (1e9 bytes): GPU memory on cuda, host memory on cpu. The
+    per-rank memory estimate is checked against it (a stage that cannot fit is refused before
+    anything runs) and the `auto` settings (zero_stage, offload, activation_checkpointing,
+    micro_batch) choose by it. Default: measured where `harness plan` runs: the smallest GPU's memory
+    (nvidia-smi) on cuda; MemTotal / procs_per_node on cpu. Set it when the nodes differ from that
+    machine (a login node), or to keep a run inside part of a shared machine."""
     transitions: Literal["swap", "relaunch"] = "swap"
     """swap: consecutive stages on the same nodes and ranks per node share one launch; the running
     ranks hand off, tear the engine down and build the next stage's engine (seconds instead of a

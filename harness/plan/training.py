@@ -271,21 +271,26 @@ def _micro_batch(value: Any) -> Any:
     raise ValueError("a whole number >= 1, or auto (the largest that fits, found at the stage's start)")
 
 
-def _fast(value: Any) -> Any:
-    """A mapping is read as FastParts here, so a misspelt part gets one error, not one per form."""
-    if value in ("auto", "off") or isinstance(value, FastParts):
-        return value
-    if isinstance(value, dict):
-        try:
-            return FastParts.model_validate(value)
-        except ValidationError as error:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-                             + " (parts: compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)") from None
-    raise ValueError("auto, off, or a mapping of parts (compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)")
+def _word_or_block(block: type[Strict], words: tuple[str, ...], keys: str) -> Any:
+    """A validator for `word | block` fields: a mapping is read as `block` here, so a misspelt key gets
+    one error naming the keys (e.g. 'parts (compile: true/false, ...)'), not one per form of the union."""
+    def validate(value: Any) -> Any:
+        if value in words or isinstance(value, block):
+            return value
+        if isinstance(value, dict):
+            try:
+                return block.model_validate(value)
+            except ValidationError as error:
+                raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()) + f"; the {keys}") from None
+        raise ValueError(f"{', '.join(words)}, or a mapping of {keys}")
+
+    return validate
 
 
 MicroBatch = Annotated[int | Literal["auto"], BeforeValidator(_micro_batch)]
-Fast = Annotated[Literal["auto", "off"] | FastParts, BeforeValidator(_fast)]
+Offload = Annotated[Literal["auto"] | OffloadSpec, BeforeValidator(_word_or_block(OffloadSpec, ("auto",), "keys (optimizer, params: true/false)"))]
+Fast = Annotated[Literal["auto", "off"] | FastParts, BeforeValidator(_word_or_block(
+    FastParts, ("auto", "off"), "parts (compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)"))]
 
 
 class TrainSettings(Strict):
@@ -309,11 +314,21 @@ class TrainSettings(Strict):
     (micro_batch auto needs it given)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = 2
     """DeepSpeed ZeRO stage: 0 plain data parallel; 1 optimizer states partitioned across ranks; 2
-    gradients too; 3 parameters too (the model is built partitioned). It may change between phases."""
-    offload: OffloadSpec = OffloadSpec()
-    """ZeRO offload of optimizer states or parameters to CPU memory."""
+    gradients too; 3 parameters too (the model is built partitioned). It may change between phases.
+    auto: the lowest whose per-rank memory estimate fits with a 10% margin (lower stages communicate
+    less; harness/stages/fit.py). `harness plan` shows the estimate and the choice."""
+    offload: Offload = OffloadSpec()
+    """ZeRO offload of optimizer states (and parameters at ZeRO-3) to CPU memory; auto: none, unless no
+    configuration the plan allows fits without it: then the optimizer's, then also the parameters'."""
+    activation_checkpointing: Literal["off", "full", "selective", "auto"] = "off"
+    """Recompute decoder layers' activations in the backward instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): full, every layer; selective, every
+    activation_checkpointing_every-th layer; auto: off unless the stage's estimate does not fit
+    without it (then full). Same loss and gradients, about a third more compute."""
+    activation_checkpointing_every: int = Field(2, ge=2)
+    """selective: checkpoint layers 0, k, 2k, ... (k = this); the others keep their activations."""
     optimizer: OptimizerSpec = OptimizerSpec()
     """The optimizer. A block of another type than the one it overrides (in defaults, or a multistep
     stage's phase) replaces that block instead of merging into it."""
@@ -391,6 +406,8 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _offload_fits_zero(self) -> TrainSettings:
+        if self.offload == "auto" or self.zero_stage == "auto":  # auto tries only the combinations that work
+            return self
         if self.offload.optimizer and self.zero_stage == 0:
             raise ValueError("offload.optimizer needs zero_stage >= 1")
         if self.offload.params and self.zero_stage != 3:

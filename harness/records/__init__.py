@@ -7,6 +7,7 @@ typed records, and where each lives in a run folder. Below the stages, above the
     checkpoints.py   Progress, checkpoint markers, start and resume decisions, started.json
     manifest.py      manifest.json and the records it embeds; `is_done`
     launches.py      rank and memory records, SLURM jobs
+    memory.py        the memory a stage was planned with: estimate, a rank's memory, auto decisions
     token_store.py   the token-store format
     console.py       the console line protocol
     exit_codes.py    exit codes the ranks and the launch side agree on

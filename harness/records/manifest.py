@@ -10,6 +10,7 @@ from harness.records.checkpoints import MANIFEST_FORMAT, LoadRecord, ResumeRecor
 from harness.records.engine import Adapter, EngineIdentity
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files
 from harness.records.layout import StageDir
+from harness.records.memory import MemoryPlan
 
 class GroupRecord(Record):
     """One optimizer parameter group as it trained."""
@@ -50,6 +51,8 @@ class FastRecord(Record):
     compile: Literal["off", "engine", "deepcompile"]
     liger: bool
     attention: str
+    activation_checkpointing: str = "off"
+    """Decoder layers recomputed in the backward as the stage ran: off, full, or 'selective (every k)'."""
     fallbacks: dict[str, str] = {}
     """Part -> why it was turned off as the stage started (each also a warning line on the console)."""
     notes: list[str] = []
@@ -126,6 +129,9 @@ class Manifest(Record):
     """The fast path as it ran (None: a manifest written without one)."""
     batch: BatchRecord | None = None
     """The micro batch and accumulation steps the stage trained with (None: written without one)."""
+    memory: MemoryPlan | None = None
+    """The memory the launch side planned: the per-rank estimate, the memory of a rank, and each
+    `auto` setting's choice with its reason (None: no estimate, or written without one)."""
 
 
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from harness.objectives import OBJECTIVES
 from harness.records import RunDir, SlurmJob
+from harness.records.memory import gb
 from harness.records.token_store import META, StoreMeta, StoreRequest
 from harness.stages import Stage, required_stores
 from harness.views.status import stage_statuses
@@ -20,12 +21,11 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
     launch_of = {stage.index: n for n, group in enumerate(launches, 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
     for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "fast", "trains",
-                   "lr groups", "load", "starts"):
+                   "lr groups", "memory/rank GB", "load", "starts"):
         table.add_column(column)
     for st in setup.stages:
-        s = st.settings
-        table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(s.zero_stage), st.precision,
-                      st.optimizer_type, str(st.steps), _batch(st), " ".join(st.fast.parts), *_trains(st),
+        table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(st.zero_stage), st.precision,
+                      st.optimizer_type, str(st.steps), _batch(st), " ".join(st.fast.parts), *_trains(st), _memory(st),
                       setup.starts[st.index].mode, _start_of(setup, st))
     Console(width=240).print(table)
     first = setup.stages[0]
@@ -36,13 +36,19 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
         for note in stage.fast.notes:
             print(f"  fast: {note}")
         if stage.micro_batch_candidates:
-            print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start")
+            print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start "
+                  f"(from {stage.micro_batch})")
         chosen = stage.trainable
         if chosen is not None and chosen.adapter is not None:
             print(f"  adapter {chosen.adapter.describe()}: {chosen.trainable_params:,} of {chosen.total_params:,} parameters train "
                   f"({chosen.share:.2%}); the base's {chosen.total_params - chosen.added_params:,} are frozen")
         for group in chosen.groups if chosen else ():
             print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
+        if stage.memory is not None:
+            checked = f" of {stage.memory.rank_memory.source}" if stage.memory.rank_memory else " (the memory of a rank is unknown here: not checked)"
+            print(f"  memory per rank{checked}: {stage.memory.estimate.breakdown()}")
+            for decision in stage.memory.decisions:
+                print(f"  {decision.field} auto -> {decision.value}: {decision.reason}")
     for stage in setup.stages:
         resume = setup.resumes.get(stage.index)
         if resume is not None and (resume.mode != "fresh" or resume.set_aside):
@@ -56,6 +62,14 @@ def _batch(stage: Stage) -> str:
     if stage.micro_batch_candidates:
         return f"{stage.global_batch} = auto x auto x {stage.world_size}"
     return f"{stage.global_batch} = {stage.micro_batch} x {stage.grad_accum} x {stage.world_size}"
+
+
+def _memory(stage: Stage) -> str:
+    """'0.52 of 12.64': the estimate per rank against what a rank has (harness/stages/memory.py, fit.py)."""
+    if stage.memory is None:
+        return "-"
+    have = stage.memory.rank_memory
+    return gb(stage.memory.estimate.total_bytes) + (f" of {gb(have.device_bytes)}" if have else "")
 
 
 def _trains(stage: Stage) -> tuple[str, str]:

@@ -96,7 +96,7 @@ class StageRun:
             return adapted(model, stage)
 
         batch = batch_shape(stage, stage_dir, strategy, probe_model)
-        record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
+        record_memory(stage_dir, strategy.rank, "before_model", stage.memory.estimate if stage.memory else None, **strategy.device_memory())
         # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
         # no need to read them. A consolidated resume builds the model from the tag's fp32 weights.
         if resume.mode == "consolidated":
@@ -129,7 +129,7 @@ class StageRun:
         """The checkpoint, the Hugging Face model and the manifest (harness/worker/handoff.py). Collective."""
         extra = {"engine_optimizer": type(self.strategy.base_optimizer).__name__, "wandb_run_id": self.monitor.run_id,
                  "regularization": self.regularizer.values(), "trainable": self.checkpointer.trainable_record(), "fast": self.fast.record(),
-                 "batch": self.batch}
+                 "batch": self.batch, "memory": self.stage.memory}
         self.checkpointer.save_handoff(self.progress, last_eval, self.model, self.tokenizer, extra)
         record_memory(self.dir, self.strategy.rank, "end", **self.strategy.device_memory())
         self.monitor.log_model(self.dir.model)
@@ -147,7 +147,7 @@ class StageRun:
 def stage_line(stage: Stage, resume_mode: str, resume_tag: str | None) -> str:
     """The line that opens a stage on the console; its prefix also tells the launch side that the
     launch's output from here on belongs to this stage's log (harness/records/console.py)."""
-    line = (f"{stage_prefix(stage.index)}{stage.name}: {stage.kind}, ZeRO-{stage.settings.zero_stage}, "
+    line = (f"{stage_prefix(stage.index)}{stage.name}: {stage.kind}, ZeRO-{stage.zero_stage}, "
             f"{stage.world_size} rank(s), {stage.optimizer_type}, {stage.steps} steps")
     return line if resume_mode == "fresh" else f"{line}; resumes from {resume_tag} ({resume_mode})"
 

@@ -59,6 +59,9 @@ class DeepSpeedStrategy:
         state or a master copy. Each group trains at the scheduled lr x its lr_scale."""
         groups = self._param_groups(model)
         self.engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        # Training mode: from_pretrained returns the model in eval mode (transformers 5.23), where
+        # dropout is off and checkpointed layers keep their activations instead of recomputing them.
+        self.engine.train()
         if scheduler is None:
             _scale_lrs(optimizer.param_groups)
             return
@@ -233,7 +236,7 @@ class DeepSpeedStrategy:
         none: its module weight, gathered under ZeRO-3). Collective under ZeRO-1..3: every rank
         runs it to the end and gets every value; no rank ever holds more than one full tensor."""
         params = dict(self.module.named_parameters())
-        if self.frozen_names and self.stage.settings.zero_stage == 3:
+        if self.frozen_names and self.stage.zero_stage == 3:
             # Parameters the last forward prefetched are still in flight, and gathering one asserts
             # ("Cannot partition a param in flight", DeepSpeed 0.19.8): release them first.
             self.engine.empty_partition_cache()
