@@ -21,11 +21,11 @@ from harness.plan.model import BUILTIN_CONFIGS, ModelSpec
 from harness.plan.model_source import TOKENIZER_FILES
 from harness.plan.phases import OBJECTIVE_KINDS, PhaseSpec, Plan, StageSettings, deep_merge
 from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, LAYER_RANGE, FastParts, MetricName, OffloadSpec, OptimizerSpec,
-                                   RegularizationSpec, SchedulerSpec, TrainableSpec, TrainSettings)
+                                   PreferenceSpec, RegularizationSpec, SchedulerSpec, TrainableSpec, TrainSettings)
 
 __all__ = [
     "BUILTIN_CONFIGS", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
-    "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
+    "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec", "PreferenceSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
     "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",
 ]

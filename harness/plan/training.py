@@ -199,6 +199,56 @@ class FastParts(Strict):
     flash falls back to sdpa where flash-attn is missing or on CPU."""
 
 
+PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo"]
+# What each loss takes besides beta (PreferenceSpec): its own knob, None when the loss has none.
+LOSS_KNOBS = {"dpo": "label_smoothing", "ipo": None, "simpo": "gamma", "orpo": "orpo_lambda"}
+
+
+class PreferenceSpec(Strict):
+    """How a preference phase (kind: preference) trains on pairs of a chosen and a rejected response
+    to one prompt (harness/worker/objectives/preference.py has the formulas). pi(y) is the policy's
+    log-probability of a response (its tokens and end of turn), summed for dpo and averaged per
+    token for ipo, simpo and orpo (as TRL and LLaMA-Factory do); ref(y) the same under the weights
+    the phase starts from, computed once at its start (dpo and ipo only)."""
+
+    loss: PreferenceLoss = "dpo"
+    """dpo: -log sigmoid(beta x), x = (pi(chosen) - ref(chosen)) - (pi(rejected) - ref(rejected)) (sigmoid
+    DPO, Rafailov et al. 2023); ipo: (x - 1 / (2 beta))^2 on per-token averages (Azar et al. 2023);
+    simpo: -log sigmoid(beta (pi(chosen) - pi(rejected)) - gamma), reference-free, length-normalised
+    (Meng et al. 2024); orpo: -pi(chosen) + orpo_lambda x -log sigmoid(log odds(chosen) - log odds(rejected)),
+    reference-free, with the chosen response's SFT term (Hong et al. 2024)."""
+    beta: float = Field(0.1, gt=0)
+    """The inverse temperature of dpo, ipo and simpo; the logged rewards are beta x the log-ratios (dpo,
+    ipo) or beta x pi (simpo, orpo)."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    """dpo only: the assumed share of flipped labels (conservative DPO, cDPO): the loss becomes
+    (1 - e) x -log sigmoid(beta x) + e x -log sigmoid(-beta x). Default 0 (plain DPO)."""
+    gamma: float | None = Field(None, ge=0)
+    """simpo only: the target reward margin (TRL's simpo_gamma). Default 0.5."""
+    orpo_lambda: float | None = Field(None, gt=0)
+    """orpo only: the weight of the odds-ratio term against the SFT term (TRL's ORPO beta). Default 0.1."""
+
+    @model_validator(mode="after")
+    def _knobs_fit_loss(self) -> PreferenceSpec:
+        given = [knob for knob in ("label_smoothing", "gamma", "orpo_lambda") if getattr(self, knob) is not None]
+        wrong = [knob for knob in given if knob != LOSS_KNOBS[self.loss]]
+        if wrong:
+            takes = LOSS_KNOBS[self.loss]
+            raise ValueError(f"{self.loss} does not take {wrong}; it takes beta{f' and {takes}' if takes else ''} "
+                             f"({', '.join(f'{knob}: {loss}' for loss, knob in LOSS_KNOBS.items() if knob)})")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """dpo and ipo compare with the start weights' log-probabilities; simpo and orpo need none."""
+        return self.loss in ("dpo", "ipo")
+
+    def knob(self, name: str) -> float:
+        """label_smoothing, gamma or orpo_lambda, with its default when unset."""
+        value = getattr(self, name)
+        return {"label_smoothing": 0.0, "gamma": 0.5, "orpo_lambda": 0.1}[name] if value is None else value
+
+
 def _micro_batch(value: Any) -> Any:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
@@ -293,6 +343,9 @@ class TrainSettings(Strict):
     # ---- what trains (issue 10) ----
     trainable: TrainableSpec = TrainableSpec()
     """Which parameters train and their learning-rate groups (see TrainableSpec); default: all, one group."""
+    preference: PreferenceSpec = PreferenceSpec()
+    """kind preference only: the loss and its settings (see PreferenceSpec); micro_batch and
+    global_batch count pairs there (each pair is two sequences in one forward)."""
     deepspeed: dict[str, Any] = {}
     """Raw DeepSpeed config merged last over the generated one, or the path of a DeepSpeed JSON file
     (relative to the plan; read at load), e.g. LLaMA-Factory's or axolotl's ds_z3_config.json.

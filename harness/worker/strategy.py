@@ -24,7 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from harness.stages import Stage
 
 LossOf = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(engine, batch) -> (loss, step metrics): an objective's loss (harness/worker/objectives)."""
+"""(engine, batch) -> (loss, step metrics): an objective's loss at the stage's settings (harness/worker/objectives)."""
 
 
 class DeepSpeedStrategy:
