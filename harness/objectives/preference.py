@@ -147,8 +147,8 @@ class Preference(Objective):
                     read.append(pair_of(dict(zip(batch, values)), spec))
                 except RowProblem as problem:
                     raise DataProblem(f"row {first_row + k}: {problem.expected} (it {problem.found})") from None
-            texts = [k for k, pair in enumerate(read) if len(pair) == 3]
-            conversations = [k for k, pair in enumerate(read) if len(pair) == 2]
+            texts = [k for k, pair in enumerate(read) if isinstance(pair[0], str)]
+            conversations = [k for k, pair in enumerate(read) if isinstance(pair[0], Conversation)]
             encoded: dict[int, list[tuple[list[int], list[int]]]] = {}
             if texts:
                 prompts, chosen, rejected = (encode([read[k][j] for k in texts]) for j in range(3))
