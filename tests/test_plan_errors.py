@@ -42,7 +42,7 @@ CASES = [
     ("phases.0.global_batch", 12, "phases[0].global_batch", "a multiple of micro_batch x world size = 4 x 2 = 8"),
     ("phases.0.data", {"files": ["missing.txt"]}, "phases[0].data.files[0]", "an existing file"),
     ("phases.0.precision", "fp16", "phases[0].precision", "fp32 or bf16 on CPU"),
-    ("phases.0.kind", "distill", "phases[0].kind", "'pretrain', 'finetune' or 'multistep'"),
+    ("phases.0.kind", "distill", "phases[0].kind", "'pretrain', 'finetune', 'preference' or 'multistep'"),
     ("phases.0.bogus_key", 1, "phases[0].bogus_key", "Extra inputs are not permitted"),
     ("phases.0.steps", DELETE, "phases[0]", "give exactly one of steps, epochs, tokens"),
     ("phases.0.epochs", 2, "phases[0].epochs", "pretrain phases take steps or tokens"),

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import objectives
+from harness.objectives import OBJECTIVES
+from harness.objectives.samples import row_location
 from harness.launch.command import deepspeed_binary, launcher_command
 from harness.launch.hosts import hostfile_path, local_gpu_count, machine_memory
 from harness.launch.jobs import read_param_table, validate_with_deepspeed
@@ -24,7 +26,8 @@ from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
 from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, load_plan
 from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
-from harness.stages import Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, start_decision
+from harness.stages import (Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, stage_stores,
+                            start_decision)
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
 from harness.stages.resume import ds_config_for, resume_point
 
@@ -138,6 +141,19 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
     # How each unfinished stage continues; a stage that cannot raises PlanError here.
     resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in stages if not is_done(run.stage(stage.index, stage.name))}
     return RunSetup(plan_text, plan, stages, configs, run, resumes, start_decisions(stages, run, resumes))
+
+
+def check_built_stores(stages: list[Stage]) -> None:
+    """What each stage's objectives find in its built token stores at its settings (a preference
+    prompt that leaves no response token within seq_len): PlanError naming the file and line."""
+    problems = []
+    for stage in stages:
+        for kind, request in stage_stores(stage).items():
+            for sample, expected, found in OBJECTIVES[kind].built_store_problems(request.folder, stage.settings):
+                file, where = (request.data.hub, f"row {sample + 1}") if request.data.hub else row_location(request.data, sample)
+                problems.append((request.where, file, f"{expected} ({where} {found})"))
+    if problems:
+        raise PlanError(problems)
 
 
 def start_decisions(stages: list[Stage], run: RunDir, resumes: dict[int, ResumePoint]) -> dict[int, StartDecision]:

@@ -26,17 +26,24 @@ class DataSpec(Strict):
     text_field: str = "text"
     """pretrain: the column with the text (json/parquet)."""
     prompt_field: str = "prompt"
-    """finetune: the column with the prompt."""
+    """finetune and preference: the column with the prompt."""
     response_field: str = "response"
     """finetune: the column with the response (the only tokens with loss)."""
     # ---- fine-tune row shapes and packing (harness/objectives/finetune.py and chat.py read the rows) ----
-    rows: Literal["prompt_response", "alpaca", "chat"] = "prompt_response"
+    rows: Literal["prompt_response", "alpaca", "chat", "preference"] = "prompt_response"
     """finetune: what a row holds. prompt_response: two text columns (prompt_field, response_field),
     trained as prompt + response + end-of-sequence, no template. alpaca: instruction, optional input,
     output, optional system and history. chat: a list of messages, {role, content} with roles
     system/user/assistant, or sharegpt's {from, value} with human/gpt/system. alpaca and chat rows
     are rendered with the tokenizer's chat template (the built-in one when it has none, saved with the
-    handoff model), with loss on every assistant turn and the end-of-turn token that closes it."""
+    handoff model), with loss on every assistant turn and the end-of-turn token that closes it; chat
+    rows may hold tool calls (see harness/objectives/chat.py). preference (kind preference, and its
+    only shape: left unset there, it is implied): a prompt with a chosen and a rejected response, as
+    text columns (prompt_field, chosen_field, rejected_field: trained as prompt + response +
+    end-of-sequence, no template, as prompt_response rows), as two message lists that share the
+    prompt as their first messages (UltraFeedback), or as a chat column (sharegpt `conversations`)
+    with chosen and rejected as one message each (LLaMA-Factory); message rows go through the chat
+    template. Loss on each response and its end of turn."""
     instruction_field: str = "instruction"
     """alpaca: the column with the instruction (the user turn)."""
     input_field: str = "input"
@@ -49,6 +56,13 @@ class DataSpec(Strict):
     """alpaca: the optional column with earlier turns, a list of [instruction, response] pairs (trained too)."""
     messages_field: str | None = None
     """chat: the column with the messages; unset: 'messages' or 'conversations' (sharegpt), whichever a row has."""
+    tools_field: str = "tools"
+    """chat and preference: the optional column with the tools a conversation may call (a list of
+    JSON schemas, or that list as a JSON string), passed to the chat template as `tools`."""
+    chosen_field: str = "chosen"
+    """preference: the column with the chosen response (text, one message, or the whole conversation)."""
+    rejected_field: str = "rejected"
+    """preference: the column with the rejected response (the same form as chosen)."""
     packing: bool = False
     """finetune: lay the rows of each micro batch end to end in one sequence, without padding; each
     row attends only to itself and its positions restart at 0 (flash attention's variable-length

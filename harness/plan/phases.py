@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import Field, create_model, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
@@ -14,17 +16,26 @@ from harness.plan.fields import NAME_PATTERN, Strict
 from harness.plan.model import ModelSpec
 from harness.plan.training import TrainSettings
 
-OBJECTIVE_KINDS = ("pretrain", "finetune")
+OBJECTIVE_KINDS = ("pretrain", "finetune", "preference")
 """Phase kinds that train one objective (each has its two halves in harness/objectives and
 harness/worker/objectives); a multistep phase alternates the pretrain and finetune objectives."""
+STAGE_SOURCES = ("pretrain", "finetune", "mix")
+
+
+def _stage_source(value: Any) -> Any:
+    if value is None or value in STAGE_SOURCES:
+        return value
+    raise ValueError("pretrain, finetune or mix: a multistep stage draws its batches from its phase's pretrain and finetune "
+                     "data sets (preference pairs train in a phase of their own, kind: preference)")
+
 
 class StageSettings(TrainSettings):
     """One stage of a multistep phase: its own optimizer, schedule and length."""
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
     """Suffix of the stage name; default: the optimizer type, lower case."""
-    data: Literal["pretrain", "finetune", "mix"] = "mix"
-    """Which of the phase's data sets the stage trains on; mix: both, as the phase's data.mix says."""
+    data: Annotated[Literal[STAGE_SOURCES], BeforeValidator(_stage_source)] = "mix"  # type: ignore[valid-type]
+    """Which of the phase's data sets the stage's steps draw from: pretrain, finetune, or mix (the phase's `mix`)."""
 
 
 def _overrides(model: type[Strict]) -> type[Strict]:

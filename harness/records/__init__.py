@@ -18,12 +18,12 @@ from harness.records.engine import Adapter, EngineIdentity, adapter_text, differ
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files, file_check, folder_checks, read_json_lines, write_atomic
 from harness.records.launches import MemoryRecord, RankRecord, SlurmJob, SlurmJobs
 from harness.records.layout import CHECKPOINT_COMPLETE, RunDir, StageDir
-from harness.records.manifest import (BatchRecord, FastRecord, GroupRecord, Manifest, ProbeTry, TrainableRecord, is_done, older_format,
-                                      read_manifest)
+from harness.records.manifest import (BatchRecord, FastRecord, GroupRecord, Manifest, ProbeTry, ReferenceRecord, TrainableRecord, is_done,
+                                      older_format, read_manifest)
 
 __all__ = [
     "CHECKPOINT_COMPLETE", "MANIFEST_FORMAT", "Adapter", "BatchRecord", "CheckpointRecord", "EngineIdentity", "FastRecord", "FileCheck", "GroupRecord",
-    "InvalidRecord", "LoadRecord", "Manifest", "MemoryRecord", "ProbeTry", "Progress", "RankRecord", "Record", "ResumePoint",
+    "InvalidRecord", "LoadRecord", "Manifest", "MemoryRecord", "ProbeTry", "Progress", "RankRecord", "Record", "ReferenceRecord", "ResumePoint",
     "ResumeRecord", "RunDir", "SlurmJob", "SlurmJobs", "StageDir", "StartDecision", "StartRecord", "TrainableRecord", "damaged_files",
     "adapter_text", "differences", "file_check", "folder_checks", "is_done", "older_format", "read_json_lines", "read_manifest", "write_atomic",
     "zero_family",

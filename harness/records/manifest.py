@@ -89,6 +89,19 @@ class BatchRecord(Record):
     probe_seconds: float | None = None
 
 
+class ReferenceRecord(Record):
+    """A preference stage's reference log-probabilities (dpo, ipo): where they are, and whether this
+    attempt of the stage computed them from its start weights or read them (harness/worker/objectives/preference.py)."""
+
+    file: str
+    """The .npy beside the token store (records.token_store.reference_file)."""
+    pairs: int
+    reused: bool
+    """Read from the file (computed by an earlier attempt, or another stage with the same data and start)."""
+    seconds: float
+    """The time it took: the ranks' forwards over every pair, or reading the file."""
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -132,6 +145,8 @@ class Manifest(Record):
     memory: MemoryPlan | None = None
     """The memory the launch side planned: the per-rank estimate, the memory of a rank, and each
     `auto` setting's choice with its reason (None: no estimate, or written without one)."""
+    reference: ReferenceRecord | None = None
+    """A dpo or ipo stage's reference log-probabilities (None: other stages)."""
 
 
 

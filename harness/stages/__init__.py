@@ -19,8 +19,8 @@ from harness.stages.ds_config import get_train_ds_config
 from harness.stages.expand import eval_size, expand_stages, stage_fields
 from harness.stages.groups import launch_groups, launch_name
 from harness.stages.stage import ModelShape, Stage, StageData, StageFile, engine_identity
-from harness.stages.start import start_decision
+from harness.stages.start import expected_start_digest, start_decision
 from harness.stages.stores import required_stores, stage_stores
 
-__all__ = ["ModelShape", "Stage", "StageData", "StageFile", "engine_identity", "eval_size", "expand_stages", "get_train_ds_config",
+__all__ = ["ModelShape", "Stage", "StageData", "StageFile", "engine_identity", "eval_size", "expand_stages", "expected_start_digest", "get_train_ds_config",
            "launch_groups", "launch_name", "required_stores", "stage_fields", "stage_stores", "start_decision"]

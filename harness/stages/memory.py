@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from harness.objectives import OBJECTIVES
 from harness.records.memory import MemoryEstimate
 from harness.stages.stage import ModelShape, Stage
 
@@ -95,7 +96,8 @@ def estimate(stage: Stage, config: dict[str, Any]) -> MemoryEstimate:
     if offload_params and cuda:
         host["weights"] = held.pop("weights")
     held.update(states)
-    micro = int(config.get("train_micro_batch_size_per_gpu", stage.micro_batch))
+    # Rows through one forward: a preference pair is two.
+    micro = int(config.get("train_micro_batch_size_per_gpu", stage.micro_batch)) * max(OBJECTIVES[kind].rows_per_sample for kind in stage.data.sets)
     forward = {"activations": activation_bytes(stage, micro, width), "logits": logit_bytes(shape, micro * stage.settings.seq_len)}
     backward = {"gradients": unreduced_gradient_bytes(trained, z, width), "buffers": buffer_bytes(zero, trained, z, width)}
     return MemoryEstimate(device="gpu" if cuda else "host", held=held, forward=forward, backward=backward, host=host)

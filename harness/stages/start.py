@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.records import EngineIdentity, StartDecision, differences, zero_family
+from harness.records import EngineIdentity, Manifest, StartDecision, differences, zero_family
 from harness.records.engine import adapter_text, trained_count
 
 
@@ -51,3 +51,15 @@ def _changed(what: str, values: tuple[Any, Any], before: EngineIdentity, now: En
     if what == "trainable groups":
         return f"trainable groups changed (the same parameters ({trained_count(now)}) in other lr groups; moments are kept per group)"
     return f"{what} changed ({values[0]} -> {values[1]})"
+
+
+def expected_start_digest(mode: str, previous: Manifest, precision: str) -> str | None:
+    """The digest the weights of a stage that takes over from `previous` start with, which its
+    worker checks them against (harness/worker/handoff.py): full_state, the saved fp32 master
+    weights; weights_only at fp32 or at the handoff's dtype, what the handoff files hold. None when
+    the worker rounds them to a lower precision first (it digests the rounded weights itself)."""
+    if mode == "full_state":
+        return previous.weights_digest
+    if precision in ("fp32", previous.handoff_dtype):
+        return previous.handoff_weights_digest or previous.weights_digest
+    return None

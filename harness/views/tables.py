@@ -8,10 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.objectives import OBJECTIVES
-from harness.records import RunDir, SlurmJob
+from harness.records import InvalidRecord, RunDir, SlurmJob, StartRecord, read_manifest
 from harness.records.memory import gb
 from harness.records.token_store import META, StoreMeta, StoreRequest
-from harness.stages import Stage, required_stores
+from harness.stages import Stage, expected_start_digest, required_stores, stage_stores
 from harness.views.status import stage_statuses
 
 
@@ -44,6 +44,8 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
                   f"({chosen.share:.2%}); the base's {chosen.total_params - chosen.added_params:,} are frozen")
         for group in chosen.groups if chosen else ():
             print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
+        for note in _objective_notes(setup, stage) if stage.index in setup.resumes else ():
+            print(f"  {note}")
         if stage.memory is not None:
             checked = f" of {stage.memory.rank_memory.source}" if stage.memory.rank_memory else " (the memory of a rank is unknown here: not checked)"
             print(f"  memory per rank{checked}: {stage.memory.estimate.breakdown()}")
@@ -55,6 +57,31 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
             print(f"stage {stage.index:02d} {stage.name}: {resume.tag or 'from its start'} ({resume.mode}): {resume.reason}")
             for damaged in resume.set_aside:
                 print(f"  damaged, set aside at launch: {damaged}")
+
+
+def _objective_notes(setup, stage: Stage) -> list[str]:
+    """What the stage's objectives say about it (Objective.stage_notes: a preference stage's reference),
+    given the digest of its start weights where the launch side knows it."""
+    digest = _start_digest(setup, stage)
+    return [note for kind, request in stage_stores(stage).items()
+            for note in OBJECTIVES[kind].stage_notes(stage.settings, stage.precision, request.folder, digest, request.data)]
+
+
+def _start_digest(setup, stage: Stage) -> str | None:
+    """The digest of the weights an unfinished stage starts from: its own started.json when it
+    resumes, else what the previous stage's manifest says it hands over (None: the first stage,
+    a previous stage not done yet, or weights the worker rounds before digesting them)."""
+    stage_dir = setup.run.stage(stage.index, stage.name)
+    if setup.resumes[stage.index].mode != "fresh":
+        try:
+            return StartRecord.read(stage_dir.started).start_weights_digest
+        except InvalidRecord:
+            return None
+    decision = setup.starts[stage.index]
+    if decision.mode == "init" or stage.index - 1 in setup.resumes:
+        return None
+    before = setup.stages[stage.index - 1]
+    return expected_start_digest(decision.mode, read_manifest(setup.run.stage(before.index, before.name), verify_files=False), stage.precision)
 
 
 def _batch(stage: Stage) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -121,7 +122,8 @@ def _try(stage: Stage, strategy: DeepSpeedStrategy, fast: FastPath, micro: int, 
     ran = True
     try:
         objective = RANK_OBJECTIVES[stage.data.primary]
-        strategy.train_micro_step(objective.loss, objective.probe_batch(stage, micro, vocab), forward_guard=fast.first_forward)
+        strategy.train_micro_step(partial(objective.loss, settings=stage.settings), objective.probe_batch(stage, micro, vocab),
+                                  forward_guard=fast.first_forward)
         strategy.optimizer_step()
     except torch.OutOfMemoryError:
         ran = False

@@ -35,7 +35,7 @@ import torch
 
 from harness.records import (CHECKPOINT_COMPLETE, CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord,
                              StageDir, StartDecision, StartRecord, TrainableRecord, file_check, folder_checks, read_manifest)
-from harness.stages import Stage, engine_identity
+from harness.stages import Stage, engine_identity, expected_start_digest
 from harness.stages.trainable import trainable_record
 from harness.worker.adapter import ADAPTER_CONFIG, base_model, write_adapter_folder
 from harness.worker.faults import fault_point
@@ -104,6 +104,11 @@ class Checkpointer:
         self._frozen_at_start = self.strategy.frozen_digest()
         return progress
 
+    @property
+    def start_weights_digest(self) -> str:
+        """The digest of the weights the stage started from (started.json), also after a resume."""
+        return self._start_digest
+
     def trainable_record(self) -> TrainableRecord:
         """The manifest's record of what trained; raises if a frozen parameter changed. Collective."""
         frozen_now = self.strategy.frozen_digest()
@@ -129,6 +134,7 @@ class Checkpointer:
             )
         if self.strategy.is_rank0:
             StartRecord(load=start.record(), start_weights_digest=weights, start_optimizer_state_digest=moments, time=time.time()).write(self.dir.started)
+        self._start_digest = weights
         self.strategy.barrier()
         return progress
 
@@ -145,6 +151,7 @@ class Checkpointer:
             progress = Progress.model_validate(state["progress"])
         weights = self.strategy.weights_digest()
         carried = self.strategy.any_rank(any(self.strategy.base_optimizer.state.values()))
+        self._start_digest = self.strategy.broadcast_object(StartRecord.read(self.dir.started).start_weights_digest if self.strategy.is_rank0 else None)
         if self.strategy.is_rank0:
             print(f"[harness] stage {self.stage.name}: resuming from checkpoint {resume.tag} ({resume.mode}: {resume.reason})", flush=True)
             started = StartRecord.read(self.dir.started)
@@ -160,11 +167,9 @@ class Checkpointer:
         hold (the master digest when they are fp32), as rounded to this stage's precision when
         lower (the engine's fp32 master copy is made from rounded weights): then streamed from
         the files, one tensor at a time."""
-        previous = start.previous
-        if start.mode == "full_state":
-            return previous.weights_digest
-        if self.stage.precision in ("fp32", previous.handoff_dtype):  # no rounding: what the files hold, as digested when written
-            return previous.handoff_weights_digest or previous.weights_digest
+        expected = expected_start_digest(start.mode, start.previous, self.stage.precision)
+        if expected is not None:
+            return expected
         digest = WeightsDigest()
         for name, saved in hf_weights(start.weights_dir):
             digest.update(name, saved.to(DTYPES[self.stage.precision]))

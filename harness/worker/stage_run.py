@@ -25,7 +25,7 @@ from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.model import build_model, build_tokenizer, parameter_storage
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.objectives import open_data, prepare_model
+from harness.worker.objectives import begin_objectives, open_data, prepare_model
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -63,6 +63,8 @@ class StageRun:
     checkpointer: Checkpointer
     progress: Progress
     regularizer: NoRegularizer
+    records: dict[str, Any]
+    """The objectives' records for the manifest (RankObjective.begin: a preference stage's reference)."""
     monitor: NullMonitor
     metrics: NullMetrics
     stop: StopRequest
@@ -115,10 +117,13 @@ class StageRun:
         record_memory(stage_dir, strategy.rank, "initialized")
         checkpointer = Checkpointer(stage, stage_dir, strategy)
         progress = checkpointer.restore(start, resume)
+        with fast.eager():
+            records = begin_objectives(strategy, sets, stage, checkpointer.start_weights_digest, resume.mode == "fresh", batch.micro_batch)
         regularizer = make_regularizer(s.regularization, strategy)
         monitor = start_monitor(stage, RunDir(Path(spec.run_dir)), stage_dir, model) if strategy.is_rank0 else NullMonitor()
         metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
-        return cls(stage, stage_dir, strategy, model, tokenizer, sets, batch, fast, checkpointer, progress, regularizer, monitor, metrics, stop)
+        return cls(stage, stage_dir, strategy, model, tokenizer, sets, batch, fast, checkpointer, progress, regularizer, records, monitor, metrics,
+                   stop)
 
     def evaluate(self) -> dict[str, float]:
         """Every data set's held-out metrics (harness/worker/evaluate.py), run eagerly. Collective."""
@@ -129,7 +134,7 @@ class StageRun:
         """The checkpoint, the Hugging Face model and the manifest (harness/worker/handoff.py). Collective."""
         extra = {"engine_optimizer": type(self.strategy.base_optimizer).__name__, "wandb_run_id": self.monitor.run_id,
                  "regularization": self.regularizer.values(), "trainable": self.checkpointer.trainable_record(), "fast": self.fast.record(),
-                 "batch": self.batch, "memory": self.stage.memory}
+                 "batch": self.batch, "memory": self.stage.memory, **self.records}
         self.checkpointer.save_handoff(self.progress, last_eval, self.model, self.tokenizer, extra)
         record_memory(self.dir, self.strategy.rank, "end", **self.strategy.device_memory())
         self.monitor.log_model(self.dir.model)

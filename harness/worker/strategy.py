@@ -25,7 +25,7 @@ from harness.stages import Stage
 from harness.worker.adapter import merged_shapes, merged_weights
 
 LossOf = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(engine, batch) -> (loss, step metrics): an objective's loss (harness/worker/objectives)."""
+"""(engine, batch) -> (loss, step metrics): an objective's loss at the stage's settings (harness/worker/objectives)."""
 
 
 class DeepSpeedStrategy:
