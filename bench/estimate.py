@@ -3,7 +3,7 @@ rank measured, per case, with the ratio measured / estimate (target on CPU: 0.8-
 
 Each case is a one-phase pretrain plan run through the real `harness run` (fresh processes, so a
 rank's peak is its own): a Llama shape (tiny, small, 61M, 309M), a ZeRO stage, a world size,
-offload and activation checkpointing. The estimate is the one stage.json carries; the measured
+offload, activation checkpointing and a LoRA adapter. The estimate is the one stage.json carries; the measured
 peak is each rank's VmHWM over the whole stage (build, steps, eval, checkpoint, handoff), from its
 memory record (ranks/memory-rank<N>.json), which carries the estimate too.
 
@@ -52,6 +52,8 @@ class Case:
     micro_batch: int
     offload: bool = False
     checkpointing: str = "off"
+    lora: bool = False
+    """A LoRA adapter (r=16 on every linear layer) on the frozen model."""
     rank_memory_gb: float | None = None
     """cluster.rank_memory_gb: a smaller machine for the auto settings to fit (--auto)."""
     accelerator: str = "cpu"
@@ -59,7 +61,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        extra = ("-offload" if self.offload else "") + ("" if self.checkpointing == "off" else f"-ckpt-{self.checkpointing}")
+        extra = ("-offload" if self.offload else "") + ("" if self.checkpointing == "off" else f"-ckpt-{self.checkpointing}") + ("-lora" if self.lora else "")
         capped = f"-cap{self.rank_memory_gb:.2f}" if self.rank_memory_gb else ""
         return f"{self.model}-z{self.zero}-w{self.world}-{self.micro_batch}x{self.seq_len}{extra}{capped}"
 
@@ -78,6 +80,7 @@ def cases() -> list[Case]:
         Case("61m", 1, 1, 256, 4),
         Case("309m", 3, 1, 128, 2), Case("309m", 3, 4, 128, 2), Case("309m", 3, 2, 128, 2, checkpointing="full"),
         Case("309m", 3, 2, 128, 2, offload=True),
+        Case("small", 2, 2, 1024, 8, lora=True), Case("61m", 2, 2, 256, 4, lora=True), Case("61m", 3, 2, 256, 4, lora=True),
     ]
     return grid
 
@@ -93,6 +96,8 @@ def write_plan(folder, case: Case, port: int):
                 "activation_checkpointing": case.checkpointing, "offload": {"optimizer": case.offload},
                 "eval_every": 1_000_000, "checkpoint_every": 1_000_000, "eval_batches": 1,
                 "optimizer": {"type": "AdamW", "lr": 1e-4}, "scheduler": {"type": "none"}}
+    if case.lora:
+        settings["trainable"] = {"adapter": {"r": 16, "targets": ["all-linear"], "modules_to_save": []}}
     cluster = {"launcher": "local", "accelerator": case.accelerator, "procs_per_node": case.world, "master_port": port}
     if case.rank_memory_gb:
         cluster["rank_memory_gb"] = case.rank_memory_gb

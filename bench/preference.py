@@ -27,8 +27,8 @@ from pathlib import Path
 
 import common
 import yaml
-from common import REPO, RunDir, run_harness, table
-from scale_model import LLAMA_309M, PeakWatch, llama_309m_folder
+from common import LLAMA_309M, REPO, RunDir, run_harness, table
+from scale_model import PeakWatch, llama_309m_folder
 
 PAIRS_JSONL = REPO / "plans" / "data" / "cipher_pairs.jsonl"
 GB = 1e9

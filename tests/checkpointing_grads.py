@@ -1,7 +1,7 @@
 """Run by tests/test_memory.py under the real `deepspeed` launcher (2 CPU ranks, gloo): one forward and
 backward of the same seeded tiny Llama on a fixed batch (each rank its own rows), for every ZeRO stage
 with activation checkpointing off, full and selective (every 2nd of its 2 layers), and with frozen
-parameters and compilation. Each case builds its engine the way a stage does (Stage -> DeepSpeed
+parameters, a LoRA adapter and compilation. Each case builds its engine the way a stage does (Stage -> DeepSpeed
 config -> FastPath, which applies the checkpointing -> DeepSpeedStrategy). Rank 0 prints one JSON
 line: per case the loss averaged over the ranks, what FastPath recorded as run, and against its
 reference case (the same settings with checkpointing off) the largest difference of any gradient
@@ -9,6 +9,7 @@ element and the largest gradient element. Gradients are DeepSpeed's full fp32 on
 parameter (safe_get_full_grad: reduced over the ranks, gathered from the ZeRO partitions)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from conftest import make_plan, pretrain_phase  # noqa: E402
 from harness.plan import BUILTIN_CONFIGS, parse_plan  # noqa: E402
 from harness.stages import expand_stages  # noqa: E402
 from harness.stages.ds_config import get_train_ds_config  # noqa: E402
+from harness.worker.adapter import adapted, with_adapter  # noqa: E402
 from harness.worker.fast import FastPath  # noqa: E402
 from harness.worker.model import build_model, byte_tokenizer  # noqa: E402
 from harness.worker.objectives import RANK_OBJECTIVES  # noqa: E402
@@ -38,15 +40,18 @@ FROZEN = {"train": ["layers[-1:]", "head"]}
 CASES.update({"z3-frozen-off": ({"zero_stage": 3, "trainable": FROZEN}, "z3-frozen-off"),
               "z3-frozen-full": ({"zero_stage": 3, "trainable": FROZEN, "activation_checkpointing": "full"}, "z3-frozen-off"),
               "z2-compiled-full": ({"zero_stage": 2, "activation_checkpointing": "full", "fast": {"compile": True}}, "z2-off")})
+LORA = {"adapter": {"r": 4, "modules_to_save": []}}
+CASES.update({"z3-lora-off": ({"zero_stage": 3, "trainable": LORA}, "z3-lora-off"),
+              "z3-lora-full": ({"zero_stage": 3, "trainable": LORA, "activation_checkpointing": "full"}, "z3-lora-off")})
 
 
-def one_step(settings: dict, table, folder: Path) -> tuple[float, dict[str, torch.Tensor], dict, list[int]]:
+def one_step(settings: dict, tables, folder: Path) -> tuple[float, dict[str, torch.Tensor], dict, list[int]]:
     """(loss averaged over the ranks, full gradients by name, FastRecord, forwards of each decoder
     layer's MLP) of one micro step of the model saved in `folder`, loaded as a stage loads a handoff
     (from_pretrained: it comes in eval mode, where transformers would not recompute)."""
     plan = make_plan("ckpt", [pretrain_phase("p", fast=settings.pop("fast", "off"), **settings)], port=30500)
     (stage,) = expand_stages(parse_plan(plan, REPO), "cpu", count_train_rows=lambda spec: 760, model_config=BUILTIN_CONFIGS["tiny-llama"],
-                             model_params=lambda adapter: table, wandb_mode="disabled")
+                             model_params=tables, wandb_mode="disabled")
     strategy = DeepSpeedStrategy(stage, get_train_ds_config(stage))
     tokenizer = byte_tokenizer()
     model = build_model(stage.model, tokenizer, stage.settings.seed, folder)
@@ -57,10 +62,11 @@ def one_step(settings: dict, table, folder: Path) -> tuple[float, dict[str, torc
         layer.mlp.register_forward_pre_hook(lambda module, args, k=k: forwards.__setitem__(k, forwards[k] + 1))
     fast = FastPath(stage, is_rank0=strategy.is_rank0)
     fast.prepare_model(model)
+    model = adapted(model, stage)
     strategy.setup(model)
     fast.compile(strategy.engine)
     ids = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(strategy.rank))
-    loss, _ = strategy.train_micro_step(RANK_OBJECTIVES["pretrain"].loss, {"input_ids": ids, "labels": ids}, forward_guard=fast.first_forward)
+    loss, _ = strategy.train_micro_step(functools.partial(RANK_OBJECTIVES["pretrain"].loss, settings=stage.settings), {"input_ids": ids, "labels": ids}, forward_guard=fast.first_forward)
     # every rank asks for every parameter: collective under ZeRO-3
     grads = {name: safe_get_full_grad(p).detach().float().clone() for name, p in sorted(strategy.module.named_parameters()) if p.requires_grad}
     result = strategy.all_reduce_sum([loss])[0] / strategy.world_size, grads, fast.record().model_dump(), forwards
@@ -79,11 +85,14 @@ def main() -> None:
     from harness.worker.model import architecture
 
     plan_model = parse_plan(make_plan("ckpt", [pretrain_phase("p")], port=30500), REPO).model
-    with torch.device("meta"), no_init_weights():
-        table = table_of(AutoModelForCausalLM.from_config(architecture(plan_model, byte_tokenizer())))
+    def tables(adapter):
+        """The parameter table harness plan reads (harness/jobs/param_table.py), with the adapter applied."""
+        with torch.device("meta"), no_init_weights():
+            model = AutoModelForCausalLM.from_config(architecture(plan_model, byte_tokenizer()))
+            return table_of(with_adapter(model, adapter, seed=0) if adapter else model, adapted=adapter is not None)
     folder = Path(tempfile.mkdtemp(prefix="ckpt-model-"))  # each rank its own copy of the same seeded weights
     build_model(plan_model, byte_tokenizer(), 1234, None).save_pretrained(folder)
-    runs = {name: one_step(dict(settings), table, folder) for name, (settings, _) in CASES.items()}
+    runs = {name: one_step(dict(settings), tables, folder) for name, (settings, _) in CASES.items()}
     shutil.rmtree(folder)
     report = {}
     for name, (_, reference) in CASES.items():

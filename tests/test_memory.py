@@ -155,8 +155,8 @@ def test_a_resumed_stage_whose_decision_changed_follows_the_resume_rules(tmp_pat
 
 def test_checkpointing_gives_the_loss_and_gradients_of_none_at_every_zero_stage():
     """tests/checkpointing_grads.py on 2 ranks under the deepspeed launcher: for ZeRO 0-3, full and
-    selective checkpointing against none; with frozen parameters at ZeRO-3; compiled at ZeRO-2.
-    Tolerance: the loss to 1e-6 relative and every gradient element to 1e-5 of the largest one:
+    selective checkpointing against none; with frozen parameters and with a LoRA adapter at ZeRO-3;
+    compiled at ZeRO-2. Tolerance: the loss to 1e-6 relative and every gradient element to 1e-5 of the largest one:
     the recompute runs the same kernels on the same inputs (fp32 on CPU); compiled, inductor fuses
     and reorders the float sums."""
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "30510",
@@ -174,6 +174,8 @@ def test_checkpointing_gives_the_loss_and_gradients_of_none_at_every_zero_stage(
     assert found["z2-compiled-full"]["ran"]["compile"] == "engine"
     frozen = found["z3-frozen-full"]["params"]
     assert frozen and all(name.startswith(("model.layers.1.", "lm_head")) for name in frozen), frozen
+    lora = found["z3-lora-full"]["params"]
+    assert lora and all(".lora_A." in name or ".lora_B." in name for name in lora), lora
     # the stages really differ: ZeRO-3's gradients come from its partitions, ZeRO-0's whole
     assert found["z3-full"]["loss"] == pytest.approx(found["z0-off"]["loss"], rel=1e-6)
 

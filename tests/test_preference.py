@@ -11,7 +11,7 @@ What a user relies on: the reference is computed once by the phase's ranks and r
 resumed phase (`harness plan` says so) and by C; 2 ZeRO-3 ranks compute the reference 1 ZeRO-0
 rank computes; held-out reward accuracy climbs from 0 (every reward is 0 at the start) to >= 0.9;
 TRL's metric names reach metrics.jsonl, the manifest, W&B, `harness report` and `compare`.
-Ports 30110, 30120, 30130."""
+Ports 30110, 30120, 30130, 30140."""
 from __future__ import annotations
 
 import json
@@ -130,3 +130,24 @@ def test_report_and_compare_show_reward_accuracy_and_margin(runs: Runs, tmp_path
     compare_runs([runs.a, runs.b], tmp_path / "compare.png")
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [row["run"] for row in rows] == ["a", "b"] and all("rewards/accuracies" in row and "rewards/margins" in row for row in rows)
+
+
+def test_a_resumed_adapter_phase_computes_its_lost_reference_from_the_frozen_base(runs: Runs):
+    """LoRA dpo from A's sft handoff on 1 rank: killed at step 2 (checkpoint at step 1), its reference
+    file deleted, rerun. A resumed full-parameter phase cannot compute it again (it holds trained
+    weights, not its start weights); an adapter phase bypasses its adapters and gets the frozen base,
+    which is its start: the same reference run B computed from the same handoff."""
+    lora = make_plan("pref-lora", [dpo_phase("dpo-lora", 3, 0, checkpoint_every=1, trainable={"adapter": {"r": 4, "modules_to_save": []}})],
+                     port=30140, procs=1, cache_dir=str(runs.folder / "cache-lora"))
+    lora["model"] = {"path": str(runs.a / "phases" / "00-sft" / "model")}
+    lora["defaults"].update(micro_batch=8, global_batch=8, seq_len=24)
+    plan, out = write_plan(runs.folder, lora, "plan-lora.yaml"), runs.folder / "lora"
+    killed = harness("run", plan, "--out", out, env={**os.environ, "HARNESS_FAULT": "dpo-lora:step2:0"})
+    assert killed.returncode != 0
+    (computed,) = reference_files(runs.folder / "cache-lora")
+    computed.unlink()
+    harness("run", plan, "--out", out, check=True)
+    (again,), (base,) = reference_files(runs.folder / "cache-lora"), reference_files(runs.folder / "cache-z0")
+    (dpo,) = manifests(out)
+    assert dpo["resumes"][0]["tag"] == "step1" and dpo["reference"]["reused"] is False and dpo["stage_steps"] == 3
+    assert again.name == base.name and np.abs(np.load(again) - np.load(base)).max() <= TOLERANCE
