@@ -9,7 +9,7 @@ from transformers.initialization import no_init_weights
 
 from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, harness, make_plan, pretrain_phase, write_plan
 from harness.stages import start_decision
-from harness.jobs.param_table import table_of as _table_of
+from harness.jobs.model_facts import table_of as _table_of
 from harness.stages.params import ParamTable
 from harness.plan import BUILTIN_CONFIGS, ModelSpec, OffloadSpec, PlanError, TrainSettings, parse_plan
 from harness.stages import expand_stages
@@ -24,7 +24,7 @@ FAMILIES = {
 
 
 def table_of(config) -> ParamTable:
-    """The table harness/jobs/param_table.py prints, built here in-process the same way (meta device)."""
+    """The table harness/jobs/model_facts.py prints, built here in-process the same way (meta device)."""
     with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()

@@ -84,6 +84,17 @@ class BatchRecord(Record):
     probe_seconds: float | None = None
 
 
+class EmbeddingResize(Record):
+    """Embedding rows the first stage adds for a tokenizer longer than the model's embeddings
+    (model.resize_embeddings): decided on the launch side (stage.json), recorded in the manifest."""
+
+    rows_before: int
+    rows_after: int
+    init: Literal["mean"] = "mean"
+    """How the new rows start: as transformers' resize_token_embeddings(mean_resizing=True) makes
+    them, drawn from a normal around the old rows' mean with their covariance."""
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -124,6 +135,8 @@ class Manifest(Record):
     """The fast path as it ran (None: a manifest written without one)."""
     batch: BatchRecord | None = None
     """The micro batch and accumulation steps the stage trained with (None: written without one)."""
+    embedding_resize: EmbeddingResize | None = None
+    """Embedding rows this stage added before training (None: none)."""
 
 
 

@@ -1,0 +1,170 @@
+"""`python -m harness.jobs.model_facts '<FactsRequest JSON>'`: prints ModelFacts as JSON,
+what the launch side's checks need of the plan's model and tokenizer (harness/stages/model_fit.py):
+
+- the tokenizer, loaded as the ranks load it (or why it does not load);
+- the model's architecture, built on the meta device (no weight read or allocated): its embedding
+  rows, max_position_embeddings, what kind of positions it has, and its parameter table
+  (harness/stages/params.py), with exactly the names of `named_parameters()` on the ranks. The
+  roles the trainable shortcuts select come from the model itself (its nn.Embedding modules, its
+  output embeddings, its norm classes, its decoder layer list);
+- the first rows of each data set asked about, encoded by its objective and laid out by its rank
+  side (the same code the store builder and the ranks run): a row that trains no token within
+  seq_len, or a trained turn whose end gets no loss, is named with its file and line.
+"""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from harness.objectives import OBJECTIVES, DataProblem, samples
+from harness.stages.model_fit import FactsRequest, ModelFacts, RowsCheck
+from harness.stages.params import ParamInfo, ParamTable
+from harness.worker.data import IGNORE_INDEX
+from harness.worker.model import architecture, load_tokenizer
+from harness.worker.objectives import RANK_OBJECTIVES
+
+ROWS = 200
+"""Rows read from the start of each data file."""
+
+
+def table_of(model) -> ParamTable:
+    roles: dict[int, list[str]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            role = "embedding"
+        elif "norm" in type(module).__name__.lower():
+            role = "norm"
+        else:
+            continue
+        for param in module.parameters(recurse=False):
+            roles.setdefault(id(param), []).append(role)
+    head = model.get_output_embeddings()
+    for param in head.parameters(recurse=False) if head is not None else ():
+        roles.setdefault(id(param), []).append("head")
+    # The decoder layers: the longest ModuleList of as many blocks as the config has layers.
+    num_layers = getattr(model.config, "num_hidden_layers", None) or 0
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers]
+    layer_of = {id(p): i for i, block in enumerate(lists[0]) for p in block.parameters()} if lists else {}
+    params = [ParamInfo(name=name, shape=tuple(p.shape), roles=tuple(roles.get(id(p), ())), layer=layer_of.get(id(p)))
+              for name, p in model.named_parameters()]
+    return ParamTable(params=tuple(params), num_layers=num_layers if lists else 0)
+
+
+def positions_of(model) -> str:
+    """learned: an nn.Embedding besides the token embeddings sized by max_position_embeddings (GPT-2's
+    wpe; OPT's has 2 extra rows); rotary: a rotary embedding module; other: neither (ALiBi, none)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tokens = model.get_input_embeddings()
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not tokens]
+    if limit and any(limit <= m.num_embeddings <= limit + 2 for m in embeddings):
+        return "learned"
+    return "rotary" if any("rotary" in type(m).__name__.lower() for m in model.modules()) else "other"
+
+
+def rope_of(config) -> str | None:
+    """transformers 5's rope_parameters in words: "rope_type 'default' (no scaling)", "rope_type 'yarn', factor 4.0"."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return None
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return "rope_type 'default' (no scaling)"
+    details = ", ".join(f"{key} {rope[key]}" for key in ("factor", "original_max_position_embeddings") if key in rope)
+    return f"rope_type '{kind}'" + (f", {details}" if details else "")
+
+
+class RowsInMemory:
+    """Encoded rows as a token store's reading side (harness/worker/data.py TokenStore) offers them."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int] | None]]):
+        self.rows = [(np.array(ids, np.int64), np.array(mask if mask is not None else [1] * len(ids), np.uint8)) for ids, mask in rows]
+        self.meta = SimpleNamespace(rows=len(rows), tokens=sum(len(ids) for ids, _ in rows))
+
+    def row(self, r: int) -> np.ndarray:
+        return self.rows[r][0]
+
+    def row_with_mask(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.rows[r]
+
+
+def rows_problems(check: RowsCheck, tokenizer) -> list[tuple[str, str, str]]:
+    """(plan field, file, what is allowed) for the first failing row of each file of the data set."""
+    objective, rank = OBJECTIVES[check.kind], RANK_OBJECTIVES[check.kind]
+    problems = []
+    for k, file in enumerate(check.data.files):
+        rows = samples.first_rows(file, check.data, ROWS)
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(column for _, row in rows for column in row))
+        try:
+            encoded = objective.encoder(check.data, tokenizer)({c: [row.get(c) for _, row in rows] for c in columns}, 1)
+        except DataProblem as problem:
+            problems.append((f"{check.where}.files[{k}]", file, f"rows the tokenizer renders ({problem})"))
+            continue
+        laid_out = rank.samples(RowsInMemory(encoded), check.data, check.seq_len, tokenizer.pad_token_id).eval_arrays(np.arange(len(encoded)))
+        for (where, _), (ids, mask), labels in zip(rows, encoded, laid_out.get("labels", [])):
+            why = row_problem(np.array(ids), np.array(mask), labels, check.seq_len, tokenizer)
+            if why:
+                problems.append((f"{check.where}.files[{k}]", file, f"{why} ({where} of the file)"))
+                break
+    return problems
+
+
+def row_problem(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, seq_len: int, tokenizer) -> str | None:
+    """What is wrong with one encoded row (mask: 1 a trained turn's content, 2 its end) as the ranks
+    lay it out (labels, IGNORE_INDEX where no loss), or None."""
+    trained = np.flatnonzero(mask)
+    if not (labels != IGNORE_INDEX).any():
+        where = f"its first trained token is at position {trained[0]} of {len(ids)}" if len(trained) else "nothing in it is trained"
+        return f"rows that train at least one token within seq_len {seq_len} (this one trains none: {where}); raise seq_len or shorten the row"
+    turn_ends = np.flatnonzero((mask != 0) & (np.append(mask[1:], 0) == 0))  # the last trained token of each turn
+    unclosed = [int(end) for end in turn_ends if mask[end] != 2]
+    if unclosed:
+        return ("every trained turn closed by an end-of-turn token that is trained (the chat template closes a turn with nothing "
+                f"after its content, at token {unclosed[0]}: the model would never learn to stop); use a template that ends each "
+                "assistant turn, e.g. with the tokenizer's eos_token")
+    dropped = [int(p) for p in np.flatnonzero(mask[:seq_len] == 2) if labels[p] != ids[p]]
+    if dropped:
+        token = tokenizer.convert_ids_to_tokens(int(ids[dropped[0]]))
+        same = " (it is also the pad token)" if ids[dropped[0]] == tokenizer.pad_token_id else ""
+        return f"the end of each turn in the loss: {token!r}{same} at position {dropped[0]} gets no label when laid out"
+    return None
+
+
+def model_facts(request: FactsRequest) -> ModelFacts:
+    spec = request.model
+    try:
+        tokenizer = load_tokenizer(spec.tokenizer)
+    except Exception as error:  # transformers raises many types for a folder that is not a tokenizer
+        return ModelFacts(tokenizer_problem=_said(error))
+    try:
+        with torch.device("meta"), no_init_weights():
+            model = AutoModelForCausalLM.from_config(architecture(spec, tokenizer))
+        model.tie_weights()  # as the worker builds it: a tied head is one parameter, the embeddings'
+    except Exception as error:
+        return ModelFacts(tokenizer_len=len(tokenizer), model_problem=_said(error))
+    rows = model.get_input_embeddings().num_embeddings
+    facts: dict[str, Any] = {"tokenizer_len": len(tokenizer), "embedding_rows": rows, "positions": positions_of(model),
+                             "max_positions": getattr(model.config, "max_position_embeddings", None), "rope": rope_of(model.config)}
+    if spec.resize_embeddings and len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the shapes the ranks train (no values on meta)
+    problems = [problem for check in request.rows for problem in rows_problems(check, tokenizer)]
+    return ModelFacts(**facts, params=table_of(model), row_problems=problems)
+
+
+def _said(error: Exception) -> str:
+    return " | ".join(line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip())[:400]
+
+
+def main() -> None:
+    print(model_facts(FactsRequest.model_validate_json(sys.argv[1])).model_dump_json())
+
+
+if __name__ == "__main__":
+    main()
