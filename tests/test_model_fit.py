@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from conftest import finetune_phase, make_plan, pretrain_phase, write_plan
-from harness.cli import main
+from conftest import cli, finetune_phase, make_plan, pretrain_phase, write_plan
 from harness.plan import BUILTIN_CONFIGS
 from harness.worker.model import byte_tokenizer
 
@@ -134,36 +133,36 @@ BAD_INPUT = [tokenizer_longer_than_the_embeddings, seq_len_past_learned_position
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=[case.__name__ for case in BAD_INPUT])
-def test_refused_before_anything_is_written(tmp_path: Path, capsys, case):
+def test_refused_before_anything_is_written(tmp_path: Path, case):
     (command, plan, *rest), expected = case(tmp_path)
     out = tmp_path / "run"
-    assert main([command, str(plan), "--out", str(out), *rest]) == 2
-    err = capsys.readouterr().err
+    refused = cli(command, plan, "--out", out, *rest)
+    assert refused.returncode == 2, refused
+    err = refused.stderr
     for text in expected:
         assert text in err, err
     assert "Traceback" not in err and not out.exists()
 
 
-def plan_ok(plan: Path, out: Path, capsys) -> tuple[str, str]:
-    assert main(["plan", str(plan), "--out", str(out)]) == 0, capsys.readouterr().err
-    captured = capsys.readouterr()
-    return captured.out, captured.err
+def plan_ok(plan: Path, out: Path) -> tuple[str, str]:
+    planned = cli("plan", plan, "--out", out, check=True)
+    return planned.stdout, planned.stderr
 
 
-def test_a_smaller_tokenizer_is_fine_and_a_longer_one_is_resized_when_asked(tmp_path: Path, capsys):
+def test_a_smaller_tokenizer_is_fine_and_a_longer_one_is_resized_when_asked(tmp_path: Path):
     small = {"path": str(llama_folder(tmp_path / "big-vocab", vocab=300)), "tokenizer": "bytes"}
-    plan_ok(two_stages(tmp_path / "small", model=small), tmp_path / "small" / "run", capsys)
+    plan_ok(two_stages(tmp_path / "small", model=small), tmp_path / "small" / "run")
 
     resized = {"path": str(llama_folder(tmp_path / "model", vocab=200)), "tokenizer": "bytes", "resize_embeddings": True}
-    out, _ = plan_ok(two_stages(tmp_path / "resized", model=resized), tmp_path / "resized" / "run", capsys)
+    out, _ = plan_ok(two_stages(tmp_path / "resized", model=resized), tmp_path / "resized" / "run")
     assert "stage 00 pre: load init" in out and "embeddings: 200 -> 259 rows, one per token of the tokenizer" in out
     stages = [json.loads(p.read_text())["stage"] for p in sorted((tmp_path / "resized" / "run" / "phases").glob("*/stage.json"))]
     assert [stage["embedding_resize"] for stage in stages] == [{"rows_before": 200, "rows_after": 259, "init": "mean"}, None], \
         "the first stage adds the rows; the next one starts from its handoff, which has them"
 
 
-def test_a_rotary_model_past_its_positions_gets_one_warning_naming_its_rope_scaling(tmp_path: Path, capsys):
-    _, err = plan_ok(plan_of(tmp_path, [pretrain_phase("pre", seq_len=4096), pretrain_phase("more", seq_len=4096)]), tmp_path / "run", capsys)
+def test_a_rotary_model_past_its_positions_gets_one_warning_naming_its_rope_scaling(tmp_path: Path):
+    _, err = plan_ok(plan_of(tmp_path, [pretrain_phase("pre", seq_len=4096), pretrain_phase("more", seq_len=4096)]), tmp_path / "run")
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 2, err
     assert warnings[0] == ("[harness] warning: phases[0].seq_len 4096 is above the model's max_position_embeddings 2048: its rotary positions, "
@@ -171,25 +170,26 @@ def test_a_rotary_model_past_its_positions_gets_one_warning_naming_its_rope_scal
                            "or seq_len <= 2048)")
 
 
-def test_auto_in_a_list_takes_the_plans_values(tmp_path: Path, capsys):
+def test_auto_in_a_list_takes_the_plans_values(tmp_path: Path):
     (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "auto", "params": {"betas": ["auto", "auto"], "eps": "auto"}}}))
     phase = pretrain_phase("pre", deepspeed="ds.json", optimizer={"type": "AdamW", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-6})
-    plan_ok(plan_of(tmp_path, [phase]), tmp_path / "run", capsys)
+    plan_ok(plan_of(tmp_path, [phase]), tmp_path / "run")
     params = json.loads((tmp_path / "run" / "phases" / "00-pre" / "ds_config.json").read_text())["optimizer"]["params"]
     assert params["betas"] == [0.9, 0.95] and params["eps"] == 1e-6
 
 
-def test_a_pad_token_that_is_the_end_of_turn_token_still_trains_each_turns_end(tmp_path: Path, capsys):
+def test_a_pad_token_that_is_the_end_of_turn_token_still_trains_each_turns_end(tmp_path: Path):
     tokenizer = tokenizer_folder(tmp_path / "tok", pad_is_eos=True)  # the built-in template closes a turn with eos
     phase = finetune_phase("sft", data={"files": [str(chat_rows(tmp_path / "chat.jsonl"))], "rows": "chat"})
-    plan_ok(plan_of(tmp_path, [phase], model={"builtin": "tiny-llama", "tokenizer": str(tokenizer)}), tmp_path / "run", capsys)
+    plan_ok(plan_of(tmp_path, [phase], model={"builtin": "tiny-llama", "tokenizer": str(tokenizer)}), tmp_path / "run")
 
 
-def test_every_problem_is_listed_at_once(tmp_path: Path, capsys):
+def test_every_problem_is_listed_at_once(tmp_path: Path):
     phase = pretrain_phase("pre")
     phase["data"]["packing"] = True
     (tmp_path / "cache").write_text("")
-    assert main(["plan", str(plan_of(tmp_path, [phase], cache_dir="cache")), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
+    refused = cli("plan", plan_of(tmp_path, [phase], cache_dir="cache"), "--out", tmp_path / "run")
+    assert refused.returncode == 2
+    err = refused.stderr
     assert "2 problem(s)" in err and "phases[0].data.packing" in err and "cache_dir" in err
 

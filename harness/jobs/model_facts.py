@@ -4,9 +4,8 @@ what the launch side's checks need of the plan's model and tokenizer (harness/st
 - the tokenizer, loaded as the ranks load it (or why it does not load);
 - the model's architecture, built on the meta device (no weight read or allocated): its embedding
   rows, max_position_embeddings, what kind of positions it has, and its parameter table
-  (harness/stages/params.py), with exactly the names of `named_parameters()` on the ranks. The
-  roles the trainable shortcuts select come from the model itself (its nn.Embedding modules, its
-  output embeddings, its norm classes, its decoder layer list);
+  (harness/jobs/param_table.py table_of), with exactly the names of `named_parameters()` on the
+  ranks (a stage with an adapter asks param_table.py for the table with it applied);
 - the first rows of each data set asked about, encoded by its objective and laid out by its rank
   side (the same code the store builder and the ranks run): a row that trains no token within
   seq_len, or a trained turn whose end gets no loss, is named with its file and line.
@@ -22,38 +21,15 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
+from harness.jobs.param_table import table_of
 from harness.objectives import OBJECTIVES, DataProblem, samples
 from harness.stages.model_fit import FactsRequest, ModelFacts, RowsCheck
-from harness.stages.params import ParamInfo, ParamTable
 from harness.worker.data import IGNORE_INDEX
 from harness.worker.model import architecture, load_tokenizer
 from harness.worker.objectives import RANK_OBJECTIVES
 
 ROWS = 200
 """Rows read from the start of each data file."""
-
-
-def table_of(model) -> ParamTable:
-    roles: dict[int, list[str]] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            role = "embedding"
-        elif "norm" in type(module).__name__.lower():
-            role = "norm"
-        else:
-            continue
-        for param in module.parameters(recurse=False):
-            roles.setdefault(id(param), []).append(role)
-    head = model.get_output_embeddings()
-    for param in head.parameters(recurse=False) if head is not None else ():
-        roles.setdefault(id(param), []).append("head")
-    # The decoder layers: the longest ModuleList of as many blocks as the config has layers.
-    num_layers = getattr(model.config, "num_hidden_layers", None) or 0
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers]
-    layer_of = {id(p): i for i, block in enumerate(lists[0]) for p in block.parameters()} if lists else {}
-    params = [ParamInfo(name=name, shape=tuple(p.shape), roles=tuple(roles.get(id(p), ())), layer=layer_of.get(id(p)))
-              for name, p in model.named_parameters()]
-    return ParamTable(params=tuple(params), num_layers=num_layers if lists else 0)
 
 
 def positions_of(model) -> str:
@@ -107,11 +83,15 @@ def rows_problems(check: RowsCheck, tokenizer) -> list[tuple[str, str, str]]:
         except DataProblem as problem:
             problems.append((f"{check.where}.files[{k}]", file, f"rows the tokenizer renders ({problem})"))
             continue
-        laid_out = rank.samples(RowsInMemory(encoded), check.data, check.seq_len, tokenizer.pad_token_id).eval_arrays(np.arange(len(encoded)))
-        for (where, _), (ids, mask), labels in zip(rows, encoded, laid_out.get("labels", [])):
-            why = row_problem(np.array(ids), np.array(mask), labels, check.seq_len, tokenizer)
+        # A sample may be several store rows (a preference pair: chosen, rejected); labels one per store row.
+        per_sample = objective.rows_per_sample
+        laid_out = rank.samples(RowsInMemory(encoded), check.data, check.seq_len, tokenizer.pad_token_id).eval_arrays(
+            np.arange(len(encoded) // per_sample))
+        labels = np.asarray(laid_out["labels"]).reshape(len(encoded), -1)
+        for r, ((ids, mask), row_labels) in enumerate(zip(encoded, labels)):
+            why = row_problem(np.array(ids), np.array(mask), row_labels, check.seq_len, tokenizer)
             if why:
-                problems.append((f"{check.where}.files[{k}]", file, f"{why} ({where} of the file)"))
+                problems.append((f"{check.where}.files[{k}]", file, f"{why} ({rows[r // per_sample][0]} of the file)"))
                 break
     return problems
 

@@ -85,13 +85,14 @@ def build(request: StoreRequest) -> None:
         partial = final.parent / f"{final.name}.partial-{os.getpid()}"
         partial.mkdir()
         started = time.perf_counter()
-        rows, tokens = 0, 0
+        rows, tokens, read = 0, 0, 0  # store rows, tokens, and input rows read (a preference row makes two store rows)
         bar = tqdm(desc=f"tokenizing {request.kind}", unit=" rows", file=sys.stdout, mininterval=1.0)
         with open(partial / TOKENS, "wb") as token_file, open(partial / OFFSETS, "wb") as offset_file, \
                 (open(partial / LOSS_MASK, "wb") if objective.loss_mask else contextlib.nullcontext()) as mask_file:
             offset_file.write(np.zeros(1, np.int64).tobytes())
             for batch in batches:
-                encoded = encode_rows(batch, rows + 1)
+                encoded = encode_rows(batch, read + 1)
+                read += len(next(iter(batch.values())))
                 docs = [ids for ids, _ in encoded]
                 if objective.loss_mask:
                     mask_file.write(np.fromiter(itertools.chain.from_iterable(m for _, m in encoded), np.uint8).tobytes())

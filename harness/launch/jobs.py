@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.plan import PlanError
-from harness.records import InvalidRecord
+from harness.plan import ModelSpec, PlanError
+from harness.records import Adapter, InvalidRecord
 from harness.records.token_store import DATA_PROBLEM_EXIT, META, StoreRequest
 from harness.stages.model_fit import FactsRequest, ModelFacts, facts_key
+from harness.stages.params import ParamTable
 
 
 def _job(name: str) -> list[str]:
@@ -62,6 +63,17 @@ class FactsJob:
             except OSError:
                 pass  # found again next time
         return self._facts
+
+
+def read_param_table(model: ModelSpec, adapter: Adapter | None = None) -> ParamTable:
+    """The parameters of the plan's model, with the adapter applied when given one
+    (harness/jobs/param_table.py; about as long as importing transformers). The model's own table
+    without an adapter comes with its facts (FactsJob)."""
+    request = {"model": model.model_dump(mode="json"), "adapter": adapter.model_dump(mode="json") if adapter else None}
+    result = subprocess.run(_job("param_table"), input=json.dumps(request), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"listing the model's parameters failed:\n{result.stderr[-2000:]}")
+    return ParamTable.model_validate_json(result.stdout.strip().splitlines()[-1])
 
 
 def convert_checkpoint(request: dict[str, Any]) -> None:

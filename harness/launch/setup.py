@@ -7,6 +7,7 @@ Never imports torch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -15,14 +16,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness import objectives
+from harness.objectives import OBJECTIVES
+from harness.objectives.samples import row_location
 from harness.launch.command import deepspeed_binary, launcher_command
-from harness.launch.hosts import hostfile_path, local_gpu_count
-from harness.launch.jobs import FactsJob, validate_with_deepspeed
+from harness.launch.hosts import hostfile_path, local_gpu_count, machine_memory
+from harness.launch.jobs import FactsJob, read_param_table, validate_with_deepspeed
 from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
-from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, folder_problem, load_plan
-from harness.records import ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
-from harness.stages import Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, start_decision
+from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, folder_problem, load_plan
+from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
+from harness.stages import (Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, stage_stores,
+                            start_decision)
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
 from harness.stages.model_fit import facts_problems, facts_request, fit_stages
 from harness.stages.params import ParamTable
@@ -61,10 +65,24 @@ def count_train_rows(spec: DataSpec) -> int:
 
 
 def model_config(model: ModelSpec) -> dict[str, Any]:
-    """The model's config.json (a built-in's config), for the shape the DeepSpeed config needs."""
+    """The model's config.json (a built-in's config, with its tokenizer's vocabulary), for the shape the
+    DeepSpeed config and the memory estimate need."""
     if model.builtin is not None:
-        return BUILTIN_CONFIGS[model.builtin]
+        return {**BUILTIN_CONFIGS[model.builtin], "vocab_size": tokenizer_vocab(model.tokenizer)}
     return json.loads((Path(model.path) / "config.json").read_text())
+
+
+def tokenizer_vocab(tokenizer: str | None) -> int:
+    """Tokens of a tokenizer as the worker sizes a built-in model to it: the byte tokenizer's, or the
+    ids of a folder's tokenizer.json (its model's vocabulary and added tokens)."""
+    path = Path(tokenizer or "") / "tokenizer.json"
+    if tokenizer in (None, "bytes") or not path.is_file():
+        return BYTE_VOCAB
+    spec = json.loads(path.read_text())
+    vocab = spec.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [token["id"] for token in spec.get("added_tokens", [])]
+    return max(ids, default=BYTE_VOCAB - 1) + 1
 
 
 def validated_stages(plan_path: str | Path, warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
@@ -77,15 +95,20 @@ def validated_stages(plan_path: str | Path, warn: Callable[[str], None] = lambda
     facts_job = FactsJob(facts_request(plan), plan.cache_dir)
     accelerator = detect_accelerator(plan.cluster.accelerator)
     local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
+    # The model's parameter names, only if some stage's trainable set needs them: the model's own come
+    # with its facts, a table with an adapter applied from another child process, once per adapter.
+    adapted = functools.cache(lambda adapter_json: read_param_table(plan.model, Adapter.model_validate_json(adapter_json)))
 
-    def model_params() -> ParamTable:  # asked for only if some stage's trainable set needs it
+    def model_params(adapter: Adapter | None) -> ParamTable:
+        if adapter is not None:
+            return adapted(adapter.model_dump_json())
         facts = facts_job.result()
         if facts.params is None:
             raise PlanError(facts_problems(facts, plan.model))
         return facts.params
 
     stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params,
-                           wandb_mode=resolve_mode(plan.wandb.mode))
+                           wandb_mode=resolve_mode(plan.wandb.mode), machine=machine_memory())
     fields = stage_fields(plan)
     configs = [get_train_ds_config(stage) for stage in stages]
     problems, sound = [], []
@@ -129,6 +152,19 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
     # How each unfinished stage continues; a stage that cannot raises PlanError here.
     resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in stages if not is_done(run.stage(stage.index, stage.name))}
     return RunSetup(plan_text, plan, stages, configs, run, resumes, start_decisions(stages, run, resumes))
+
+
+def check_built_stores(stages: list[Stage]) -> None:
+    """What each stage's objectives find in its built token stores at its settings (a preference
+    prompt that leaves no response token within seq_len): PlanError naming the file and line."""
+    problems = []
+    for stage in stages:
+        for kind, request in stage_stores(stage).items():
+            for sample, expected, found in OBJECTIVES[kind].built_store_problems(request.folder, stage.settings):
+                file, where = (request.data.hub, f"row {sample + 1}") if request.data.hub else row_location(request.data, sample)
+                problems.append((request.where, file, f"{expected} ({where} {found})"))
+    if problems:
+        raise PlanError(problems)
 
 
 def start_decisions(stages: list[Stage], run: RunDir, resumes: dict[int, ResumePoint]) -> dict[int, StartDecision]:

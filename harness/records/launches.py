@@ -6,6 +6,7 @@ import signal
 from typing import Any
 
 from harness.records.files import Record
+from harness.records.memory import MemoryEstimate
 
 STACK_SIGNAL = signal.SIGUSR2
 """The worker's faulthandler prints every thread's stack to the rank's log on this signal: the launch
@@ -36,6 +37,10 @@ class MemoryRecord(Record):
     rss_bytes: int
     host_memory_bytes: int | None
     milestones: dict[str, dict[str, Any]]
+    estimate_bytes: int | None = None
+    """The stage's per-rank estimate (stage.json's memory plan, harness/stages/memory.py), to read
+    against peak_rss_bytes on cpu and gpu_peak_bytes on cuda; None when the stage had none."""
+    estimate: MemoryEstimate | None = None
 
 
 

@@ -32,8 +32,9 @@ from harness.stages.params import ParamTable
 from harness.stages.stage import Stage
 from harness.stages.stores import store_key
 
-FACTS_FORMAT = 1
-"""Change it when harness/jobs/model_facts.py reports something new: cached facts are then found anew."""
+FACTS_CODE = [Path(__file__).parents[1] / "jobs" / name for name in ("model_facts.py", "param_table.py")]
+"""The child's own code is part of the facts' key: facts cached by another version of it are found anew
+(a parameter table without a field a later version adds would resolve adapters to nothing)."""
 
 
 class RowsCheck(BaseModel):
@@ -90,11 +91,12 @@ def facts_request(plan: Plan) -> FactsRequest:
 
 
 def facts_key(request: FactsRequest) -> str:
-    """Everything the facts depend on: the model (its config.json), the tokenizer's files, each
-    checked data set as its token store's key (inputs, columns, tokenizer) and its seq_len."""
+    """Everything the facts depend on: the child's code, the model (its config.json), the tokenizer's
+    files, each checked data set as its token store's key (inputs, columns, tokenizer) and its seq_len."""
     model = request.model
     config = hashlib.sha256((Path(model.path) / "config.json").read_bytes()).hexdigest() if model.path else model.builtin
-    parts = [FACTS_FORMAT, model.model_dump(mode="json"), config, tokenizer_id(model.tokenizer),
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in FACTS_CODE)).hexdigest()
+    parts = [code, model.model_dump(mode="json"), config, tokenizer_id(model.tokenizer),
              [[check.where, store_key(check.kind, check.data, model.tokenizer), check.seq_len] for check in request.rows]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 

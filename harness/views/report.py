@@ -25,8 +25,10 @@ from harness.records import InvalidRecord, RunDir, StageDir, read_json_lines, re
 # "Final train loss" is the mean of this many last train/loss values of a
 # stage: a single last value is too noisy to compare stages or runs.
 FINAL_LOSS_WINDOW = 5
-# Task metrics in the order tables and plots show them (eval/exact_match ...; see task_metrics.py).
-TASK_KEYS = metric_keys(list(METRIC_NAMES))
+# Eval metrics besides the loss, in the order tables and plots show them: the task metrics
+# (eval/exact_match ...; see task_metrics.py), then a preference stage's held-out reward accuracy
+# and margin (eval/rewards/accuracies, eval/rewards/margins; see objectives/preference.py).
+METRIC_KEYS = metric_keys(list(METRIC_NAMES)) + ["eval/rewards/accuracies", "eval/rewards/margins"]
 # A line style per data set a stage's steps draw from (color: the stage).
 LINE_STYLES = ["-", "--", ":", "-."]
 
@@ -135,13 +137,13 @@ def final_train_loss(stage: StageRecord) -> float | None:
     return mean(losses[-FINAL_LOSS_WINDOW:]) if losses else None
 
 
-def task_columns(evals: list[dict]) -> list[str]:
-    """The task metric keys (eval/exact_match, eval/bleu, ...) that any of the eval dicts has."""
-    return [key for key in TASK_KEYS if any(key in e for e in evals)]
+def metric_columns(evals: list[dict]) -> list[str]:
+    """The metric keys (eval/exact_match, eval/bleu, eval/rewards/accuracies, ...) that any of the eval dicts has."""
+    return [key for key in METRIC_KEYS if any(key in e for e in evals)]
 
 
-def _task_values(evals: dict, keys: list[str]) -> dict:
-    """{'exact_match': value or None, ...} for the columns keys."""
+def _metric_values(evals: dict, keys: list[str]) -> dict:
+    """{'exact_match': value or None, 'rewards/accuracies': ..., ...} for the columns keys."""
     return {key.removeprefix("eval/"): evals.get(key) for key in keys}
 
 
@@ -153,14 +155,15 @@ def start_eval(stage: StageRecord) -> dict:
 
 def report_table(run: RunRecord) -> list[dict]:
     """One row per stage: setup, step range, final train loss, eval loss and perplexity, each
-    task metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L; as start_<metric>
-    too where some stage evaluated before its first step), load mode.
+    metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L, a preference stage's
+    rewards/accuracies and rewards/margins; as start_<metric> too where some stage evaluated before
+    its first step), load mode.
 
     Columns a stage that is not done cannot know (zero_stage, world_size, eval,
     load) are None; its kind, optimizer and steps then come from its metrics.
     """
-    keys = task_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
-    start_keys = task_columns([start_eval(s) for s in run.stages])
+    keys = metric_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
+    start_keys = metric_columns([start_eval(s) for s in run.stages])
     rows = []
     for stage in run.stages:
         manifest = stage.manifest or {}
@@ -178,8 +181,8 @@ def report_table(run: RunRecord) -> list[dict]:
             "train_loss": final_train_loss(stage),
             "eval_loss": evals.get("eval/loss"),
             "eval_ppl": evals.get("eval/ppl"),
-            **{f"start_{k}": v for k, v in _task_values(start_eval(stage), start_keys).items()},
-            **_task_values(evals, keys),
+            **{f"start_{k}": v for k, v in _metric_values(start_eval(stage), start_keys).items()},
+            **_metric_values(evals, keys),
             "load": (manifest.get("load") or {}).get("mode"),
         })
     return rows
@@ -199,11 +202,12 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
 def report_figure(run: RunRecord) -> Figure:
     """Train loss against global step (a line per stage, and per data set within a stage: a
     multistep stage's pretrain and fine-tune batches are two lines), stage boundaries and labels,
-    eval loss points on top, and below it one panel per eval metric (eval loss and each task
-    metric): every evaluation of every stage against global step, so a metric's jump between
-    stages shows (an eval before a stage's first step, `eval_on_start`, sits at the boundary).
+    eval loss points on top, and below it one panel per eval metric (eval loss, each task
+    metric, reward accuracy and margin): every evaluation of every stage against global step, so
+    a metric's jump between stages shows (an eval before a stage's first step, `eval_on_start`,
+    sits at the boundary).
     Titled with the plan's name and the run folder."""
-    keys = ["eval/loss"] + task_columns([r for stage in run.stages for r in stage.rows])
+    keys = ["eval/loss"] + metric_columns([r for stage in run.stages for r in stage.rows])
     columns = min(len(keys), 3)
     panel_rows = -(-len(keys) // columns)
 
@@ -271,7 +275,8 @@ def _plot_metric(ax, run: RunRecord, key: str) -> None:
 def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     """Overlay the train loss of two or more runs; return the PNG path.
 
-    Below the plot, one panel per eval metric (eval loss and each task metric): each run's
+    Below the plot, one panel per eval metric (eval loss, each task metric, reward accuracy and
+    margin): each run's
     final value per stage (from the manifests), one line per run. The table rows (each run's
     last stage's eval results and task metrics, the final train loss of its last stage with
     train losses, its last global step) go to compare.json next to the PNG.
@@ -279,7 +284,7 @@ def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     if len(run_dirs) < 2:
         raise ValueError(f"compare_runs needs at least two run folders, got {len(run_dirs)}")
     runs = [load_run(d) for d in run_dirs]
-    keys = task_columns([(s.manifest or {}).get("eval") or {} for run in runs for s in run.stages])
+    keys = metric_columns([(s.manifest or {}).get("eval") or {} for run in runs for s in run.stages])
     rows = [_final_row(run, keys) for run in runs]
     png = Path(png_path)
     panels = ["eval/loss"] + keys
@@ -336,7 +341,7 @@ def _final_row(run: RunRecord, keys: list[str]) -> dict:
         "train_loss": next((v for v in reversed(losses) if v is not None), None),
         "eval_loss": evals.get("eval/loss"),
         "eval_ppl": evals.get("eval/ppl"),
-        **_task_values(evals, keys),
+        **_metric_values(evals, keys),
     }
 
 
