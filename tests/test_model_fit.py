@@ -117,19 +117,20 @@ def turns_the_template_never_closes(tmp_path: Path):
         "phases[0].data.files[0]:", "-> every trained turn closed by an end-of-turn token that is trained", "(line 1 of the file)"]
 
 
-def a_row_that_trains_nothing_within_seq_len(tmp_path: Path):
-    rows = [json.dumps({"prompt": f"Q{k}", "response": f"A{k}"}) for k in range(40)]
-    rows[2] = json.dumps({"prompt": "x" * 100, "response": "too late"})
-    (tmp_path / "qa.jsonl").write_text("\n".join(rows) + "\n")
-    phase = finetune_phase("sft", data={"files": [str(tmp_path / "qa.jsonl")]})
-    return ["plan", plan_of(tmp_path, [phase])], [
-        "-> rows that train at least one token within seq_len 48 (this one trains none: its first trained token is at position 100 of 109)",
-        "(line 3 of the file)"]
+# The assistant's turns are not rendered at all (nor a generation prompt): nothing is where the loss goes.
+NO_ASSISTANT_TEMPLATE = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+
+
+def a_template_that_renders_no_trained_token(tmp_path: Path):
+    tokenizer = tokenizer_folder(tmp_path / "tok", template=NO_ASSISTANT_TEMPLATE)
+    phase = finetune_phase("sft", data={"files": [str(chat_rows(tmp_path / "chat.jsonl"))], "rows": "chat"})
+    return ["plan", plan_of(tmp_path, [phase], model={"builtin": "tiny-llama", "tokenizer": str(tokenizer)})], [
+        "phases[0].data.files[0]:", "-> rows whose rendering trains at least one token (this one trains none", "(line 1 of the file)"]
 
 
 BAD_INPUT = [tokenizer_longer_than_the_embeddings, seq_len_past_learned_positions, tokenizer_folder_without_a_tokenizer,
              tokenizer_folder_that_does_not_load, cache_dir_that_is_a_file, only_a_stage_the_plan_lacks, auto_in_a_list_the_plan_has_no_value_for,
-             packing_on_pretrain_data, turns_the_template_never_closes, a_row_that_trains_nothing_within_seq_len]
+             packing_on_pretrain_data, turns_the_template_never_closes, a_template_that_renders_no_trained_token]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=[case.__name__ for case in BAD_INPUT])

@@ -7,8 +7,8 @@ what the launch side's checks need of the plan's model and tokenizer (harness/st
   (harness/jobs/param_table.py table_of), with exactly the names of `named_parameters()` on the
   ranks (a stage with an adapter asks param_table.py for the table with it applied);
 - the first rows of each data set asked about, encoded by its objective and laid out by its rank
-  side (the same code the store builder and the ranks run): a row that trains no token within
-  seq_len, or a trained turn whose end gets no loss, is named with its file and line.
+  side (the same code the store builder and the ranks run): a row whose rendering trains no token,
+  or a trained turn whose end gets no loss, is named with its file and line.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from harness.jobs.param_table import table_of
-from harness.objectives import OBJECTIVES, DataProblem, samples
+from harness.objectives import OBJECTIVES, DataProblem, RowProblem, samples
 from harness.stages.model_fit import FactsRequest, ModelFacts, RowsCheck
 from harness.worker.data import IGNORE_INDEX
 from harness.worker.model import architecture, load_tokenizer
@@ -80,7 +80,7 @@ def rows_problems(check: RowsCheck, tokenizer) -> list[tuple[str, str, str]]:
         columns = list(dict.fromkeys(column for _, row in rows for column in row))
         try:
             encoded = objective.encoder(check.data, tokenizer)({c: [row.get(c) for _, row in rows] for c in columns}, 1)
-        except DataProblem as problem:
+        except (DataProblem, RowProblem) as problem:  # RowProblem: a template whose renderings of a conversation's turns disagree
             problems.append((f"{check.where}.files[{k}]", file, f"rows the tokenizer renders ({problem})"))
             continue
         # A sample may be several store rows (a preference pair: chosen, rejected); labels one per store row.
@@ -99,10 +99,11 @@ def rows_problems(check: RowsCheck, tokenizer) -> list[tuple[str, str, str]]:
 def row_problem(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, seq_len: int, tokenizer) -> str | None:
     """What is wrong with one encoded row (mask: 1 a trained turn's content, 2 its end) as the ranks
     lay it out (labels, IGNORE_INDEX where no loss), or None."""
-    trained = np.flatnonzero(mask)
+    if not mask.any():
+        return ("rows whose rendering trains at least one token (this one trains none: the template renders no assistant "
+                "content where the loss goes); use a chat template that renders each assistant turn")
     if not (labels != IGNORE_INDEX).any():
-        where = f"its first trained token is at position {trained[0]} of {len(ids)}" if len(trained) else "nothing in it is trained"
-        return f"rows that train at least one token within seq_len {seq_len} (this one trains none: {where}); raise seq_len or shorten the row"
+        return None  # its trained tokens lie past seq_len: a long row, which data may hold (as before this check)
     turn_ends = np.flatnonzero((mask != 0) & (np.append(mask[1:], 0) == 0))  # the last trained token of each turn
     unclosed = [int(end) for end in turn_ends if mask[end] != 2]
     if unclosed:

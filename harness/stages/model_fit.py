@@ -9,7 +9,7 @@ anything is written:
 - seq_len is within max_position_embeddings: an error for learned absolute positions (GPT-2:
   there is no position embedding past them), a warning for rotary ones (they extrapolate, untested);
 - the first rows of each data set whose objective has a loss mask, rendered and laid out as the
-  ranks lay them out, each train a token within seq_len and train every turn's end (an end-of-turn
+  ranks lay them out, each train a token and train every turn's end (an end-of-turn
   token that is also the pad token included).
 
 The facts are cached in <cache_dir>/facts/ under a key of everything they depend on (`facts_key`),
