@@ -184,7 +184,7 @@ def test_a_stopped_rank_is_found_named_and_ended_and_the_rerun_finishes_as_unint
     assert re.search(r"hung: no progress for \d+ s \(allowed (10|60) s\); rank 1 on " + socket.gethostname() + " is stuck, its heartbeat stopped",
                      stderr), stderr
     assert re.search(r"rank 1 \(\S+, stuck, last seen in [a-z ]+ at step \d+, not running\); stack \(py-spy dump\) in " +
-                     re.escape(str(stage.rank_log(1))) + r":\n      \S", stderr), stderr
+                     re.escape(str(stage.rank_log(1))) + r":\n      \S+ \(\S+\.py:\d+\)", stderr), stderr  # a frame: 'step (harness/worker/train.py:120)'
     assert re.search(r"rank 0 \(\S+, waiting, .*running\); stack", stderr), stderr
     assert "rerun the same command to" in stderr and "rank 1's stack (py-spy dump" in stage.rank_log(1).read_text()
     assert left == [], "the harness ended every rank of the hung launch, the stopped one too"
