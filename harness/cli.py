@@ -119,7 +119,8 @@ def cmd_report(args) -> int:
     from harness.views.report import load_run, print_table, report_table, write_report
 
     png = write_report(args.out, args.png)
-    print_table(report_table(load_run(args.out)), f"run {args.out}")
+    run = load_run(args.out)
+    print_table(report_table(run), run.title)
     print(f"wrote {png} and {RunDir(Path(args.out)).report_json}")
     return 0
 

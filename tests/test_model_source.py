@@ -10,7 +10,10 @@ from pathlib import Path
 from conftest import harness, make_plan, pretrain_phase, write_plan
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-TOKENIZER = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}})
+# A tokenizer and a model config that load (`harness plan` loads the tokenizer and builds the model on the meta device).
+TOKENIZER = json.dumps({"version": "1.0", "added_tokens": [], "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 1}, "unk_token": "<unk>"}})
+CONFIG = json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": 300})
 
 
 def hub_cache_entry(hub_cache: Path, repo_id: str, files: dict[str, str]) -> Path:
@@ -43,12 +46,12 @@ def resolved_model(out: Path) -> dict:
 
 def test_a_cached_hub_id_resolves_to_its_snapshot_folder_with_its_tokenizer(tmp_path: Path):
     hf_home = tmp_path / "hf"
-    snapshot = hub_cache_entry(hf_home / "hub", "tiny-org/tiny-model", {"config.json": "{}", "tokenizer.json": TOKENIZER})
+    snapshot = hub_cache_entry(hf_home / "hub", "tiny-org/tiny-model", {"config.json": CONFIG, "tokenizer.json": TOKENIZER})
     plan = plan_with_model(tmp_path, {"path": "tiny-org/tiny-model"})
 
     harness("plan", plan, "--out", tmp_path / "run", check=True, env=offline_env(hf_home))
 
-    assert resolved_model(tmp_path / "run") == {"builtin": None, "path": str(snapshot), "tokenizer": str(snapshot)}
+    assert resolved_model(tmp_path / "run") == {"builtin": None, "path": str(snapshot), "tokenizer": str(snapshot), "resize_embeddings": False}
 
 
 def test_an_uncached_hub_id_offline_exits_2_naming_it_and_writes_nothing(tmp_path: Path):
@@ -65,7 +68,7 @@ def test_an_uncached_hub_id_offline_exits_2_naming_it_and_writes_nothing(tmp_pat
 def test_a_model_folder_without_tokenizer_files_needs_an_explicit_tokenizer(tmp_path: Path):
     model = tmp_path / "weights-only"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(CONFIG)
 
     refused = harness("plan", plan_with_model(tmp_path, {"path": str(model)}), "--out", tmp_path / "run")
     assert refused.returncode == 2
@@ -79,11 +82,11 @@ def test_a_model_folder_without_tokenizer_files_needs_an_explicit_tokenizer(tmp_
 def test_the_tokenizer_defaults_to_the_model_folder_and_bytes_for_a_builtin(tmp_path: Path):
     model = tmp_path / "models" / "mine"
     model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(CONFIG)
     (model / "tokenizer.json").write_text(TOKENIZER)
 
     harness("plan", plan_with_model(tmp_path, {"path": "models/mine"}), "--out", tmp_path / "local", check=True)
-    assert resolved_model(tmp_path / "local") == {"builtin": None, "path": str(model), "tokenizer": str(model)}
+    assert resolved_model(tmp_path / "local") == {"builtin": None, "path": str(model), "tokenizer": str(model), "resize_embeddings": False}
 
     harness("plan", plan_with_model(tmp_path, {"builtin": "tiny-llama"}), "--out", tmp_path / "builtin", check=True)
     assert resolved_model(tmp_path / "builtin")["tokenizer"] == "bytes"

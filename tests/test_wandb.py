@@ -71,7 +71,8 @@ def test_one_grouped_run_per_stage(two_phase_run):
     assert [row["stage_step"] for row in fine.history] == list(range(1, 7))
     assert all(row["_step"] == row["global_step"] for row in pre.history + fine.history)
     rows = pre.history[-1]
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss", "eval/ppl"} <= set(rows)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/eta_stage_s", "train/eta_plan_s",
+            "eval/loss", "eval/ppl"} <= set(rows)
     assert "eval/exact_match" in fine.history[-1]
     assert "stage" not in rows  # strings stay in metrics.jsonl; the config has them
 

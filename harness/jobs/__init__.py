@@ -2,7 +2,8 @@
 never imports them): `python -m harness.jobs.<name>`, started and read by harness/launch/jobs.py.
 
     ds_check.py      DeepSpeed's own config class on each generated config
-    param_table.py   the model's parameters (names, shapes, roles), built on the meta device
+    model_facts.py   the model and tokenizer facts the plan checks need, and the model's parameter table
+    param_table.py   the parameter table of the model with an adapter applied (both built on the meta device)
     reshard.py       a checkpoint made loadable at another topology (universal or consolidated)
     store_builder.py one token store, tokenized from the data files
 """

@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from harness.plan import ModelSpec, PlanError
-from harness.records import Adapter
+from harness.records import Adapter, InvalidRecord
 from harness.records.token_store import DATA_PROBLEM_EXIT, META, StoreRequest
+from harness.stages.model_fit import FactsRequest, ModelFacts, facts_key
 from harness.stages.params import ParamTable
 
 
@@ -35,9 +37,38 @@ def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[tuple[int, st
     return [(index, problem) for index, problem in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
+class FactsJob:
+    """The model facts of a plan (harness/jobs/model_facts.py, about as long as importing
+    transformers), started at once in the background and read when first needed; answered from
+    <cache_dir>/facts/ when the same facts were found before (harness/stages/model_fit.py facts_key)."""
+
+    def __init__(self, request: FactsRequest, cache_dir: str):
+        self.cached = Path(cache_dir) / "facts" / f"{facts_key(request)}.json"
+        self._facts: ModelFacts | None = None
+        try:
+            self._facts = ModelFacts.read(self.cached)
+        except InvalidRecord:
+            self._process = subprocess.Popen([*_job("model_facts"), request.model_dump_json()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)
+
+    def result(self) -> ModelFacts:
+        if self._facts is None:
+            out, err = self._process.communicate()
+            if self._process.returncode != 0:
+                raise RuntimeError(f"reading the model's and tokenizer's facts failed:\n{err[-2000:]}")
+            self._facts = ModelFacts.model_validate_json(out.strip().splitlines()[-1])
+            try:
+                self.cached.parent.mkdir(parents=True, exist_ok=True)
+                self._facts.write(self.cached)
+            except OSError:
+                pass  # found again next time
+        return self._facts
+
+
 def read_param_table(model: ModelSpec, adapter: Adapter | None = None) -> ParamTable:
     """The parameters of the plan's model, with the adapter applied when given one
-    (harness/jobs/param_table.py; about as long as importing transformers)."""
+    (harness/jobs/param_table.py; about as long as importing transformers). The model's own table
+    without an adapter comes with its facts (FactsJob)."""
     request = {"model": model.model_dump(mode="json"), "adapter": adapter.model_dump(mode="json") if adapter else None}
     result = subprocess.run(_job("param_table"), input=json.dumps(request), capture_output=True, text=True)
     if result.returncode != 0:

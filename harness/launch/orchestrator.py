@@ -19,6 +19,7 @@ from harness.launch.jobs import build_stores
 from harness.launch.processes import launch_group
 from harness.launch.resume import drop_conversions, prepare_resume
 from harness.launch.setup import RunSetup, check_built_stores, write_setup
+from harness.plan import PlanError
 from harness.records import RunDir, StageDir, is_done, write_atomic
 from harness.stages import Stage, launch_groups, required_stores
 
@@ -39,6 +40,10 @@ def run_stages(setup: RunSetup, only: set[int] | None = None, echo: Callable[[st
     """Run every unfinished stage in order (or only the stage numbers in `only`), consecutive stages
     on the same topology in one launch (stages.launch_groups); raises StageFailed at the first failure.
     verbose: the console shows everything the launcher prints, not only the harness's lines."""
+    unknown = sorted((only or set()) - {stage.index for stage in setup.stages})
+    if unknown:
+        listing = ", ".join(f"{stage.index} ({stage.name})" for stage in setup.stages)
+        raise PlanError([("--only", ",".join(map(str, unknown)), f"stage numbers of this plan: {listing}")])
     todo = [stage for stage in setup.stages if only is None or stage.index in only]
     # Tokenize before anything launches (no collective waits on it) and before anything is
     # written: a data problem is bad input (exit 2).
@@ -104,4 +109,7 @@ def collect_metrics(run: RunDir) -> None:
     """<out>/metrics.jsonl: the stages' metric lines in run order, derived from the stages' own
     files (so no window between a stage's rows and this file loses any)."""
     lines = "".join(d.metrics.read_text() for d in run.stage_dirs() if d.metrics.exists())
-    write_atomic(run.metrics, lines)
+    try:
+        write_atomic(run.metrics, lines)
+    except OSError:  # a full disk: the stages' own files keep every row, and the next run writes this one
+        pass

@@ -7,6 +7,7 @@ Never imports torch; never ends a process it did not start.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import BinaryIO, Iterator
 from harness.launch.command import (deepspeed_binary, deepspeed_env_file, launcher_command, launcher_environment, rank_environment,
                                     shell_quote, split_secrets)
 from harness.launch.hosts import resolve_hosts
+from harness.launch.watchdog import HangWatch
 from harness.plan import default_cache_dir
 from harness.records import RankRecord, StageDir, write_atomic
 from harness.records.console import PREFIX, STAGE_LINE
@@ -39,14 +41,54 @@ def first_port(stage: Stage) -> int:
 
 def free_port(start: int) -> int:
     """The first port from `start` that nothing listens on and nothing holds in TIME_WAIT."""
-    for port in range(start, start + 200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}..{start + 199}")
+    port = next((port for port in range(start, start + PORT_SPAN) if _bindable(port)), None)
+    if port is None:
+        raise RuntimeError(f"no free port in {start}..{start + PORT_SPAN - 1}")
+    return port
+
+
+PORT_SPAN = 200
+PORT_LOCKS = Path(tempfile.gettempdir()) / "harness-ports"
+"""One lock file per master port a launch on this machine holds (every user's: the folder is shared)."""
+
+
+@contextmanager
+def reserved_port(start: int) -> Iterator[int]:
+    """The first port from `start` that no other harness launch on this machine holds and that is
+    free, held for the length of the `with`. Checking that a port is free does not keep it free
+    until the ranks bind it (seconds later): two runs started together picked the same port and one
+    died with EADDRINUSE. Each launch locks its port's file in PORT_LOCKS (flock: the lock ends with
+    the process, however it ends), so another launch takes the next port."""
+    try:
+        PORT_LOCKS.mkdir(mode=0o1777)
+        PORT_LOCKS.chmod(0o1777)  # mkdir's mode is cut by the umask; sticky: nobody removes another's files
+    except FileExistsError:
+        pass
+    for port in range(start, start + PORT_SPAN):
+        lock = os.open(PORT_LOCKS / f"{port}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            continue
+        if not _bindable(port):
+            os.close(lock)
+            continue
+        try:
+            yield port
+        finally:
+            os.close(lock)
+        return
+    raise RuntimeError(f"no free port in {start}..{start + PORT_SPAN - 1}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def launch_group(stages: list[Stage], stage_dirs: list[StageDir], verbose: bool = False) -> int:
@@ -56,13 +98,14 @@ def launch_group(stages: list[Stage], stage_dirs: list[StageDir], verbose: bool 
     SIGTERM stops the launch and every rank it started (and nothing else), then re-raises."""
     first, first_dir = stages[0], stage_dirs[0]
     hostfile, hosts, master_addr = resolve_hosts(first, first_dir)
-    port = free_port(first_port(first))
-    argv = launcher_command(first, stage_dirs, master_addr, port, deepspeed_binary(sys.executable), hostfile)
-    rank_env = {**rank_environment(first, dict(os.environ), master_addr, port), "WANDB_MODE": first.wandb_mode}
-    _, secrets = split_secrets(rank_env)
-    # pdsh ranks get only what the launcher prints on its logged command line: their secrets wait
-    # in a private file for the length of the launch. Other ranks inherit the launcher's environment.
-    with _secrets_file(secrets if first.cluster.launcher == "pdsh" else {}) as secrets_file:
+    with ExitStack() as held:
+        port = held.enter_context(reserved_port(first_port(first)))
+        argv = launcher_command(first, stage_dirs, master_addr, port, deepspeed_binary(sys.executable), hostfile)
+        rank_env = {**rank_environment(first, dict(os.environ), master_addr, port), "WANDB_MODE": first.wandb_mode}
+        _, secrets = split_secrets(rank_env)
+        # pdsh ranks get only what the launcher prints on its logged command line: their secrets wait
+        # in a private file for the length of the launch. Other ranks inherit the launcher's environment.
+        secrets_file = held.enter_context(_secrets_file(secrets if first.cluster.launcher == "pdsh" else {}))
         if secrets_file:
             rank_env[SECRETS_FILE_VAR] = secrets_file
         for stage_dir in stage_dirs:
@@ -75,15 +118,17 @@ def launch_group(stages: list[Stage], stage_dirs: list[StageDir], verbose: bool 
 
 def _run_launcher(argv: list[str], env: dict[str, str], stages: list[Stage], stage_dirs: list[StageDir], hosts: list[str], verbose: bool) -> int:
     with ExitStack() as files:
-        logs = {stage.index: files.enter_context(open(d.launcher_log, "ab")) for stage, d in zip(stages, stage_dirs)}
+        # Unbuffered: on a full disk a write fails at once and nothing is left to fail at close.
+        logs = {stage.index: files.enter_context(open(d.launcher_log, "ab", buffering=0)) for stage, d in zip(stages, stage_dirs)}
         header = f"\n[harness] {time.strftime('%Y-%m-%d %H:%M:%S')} {shell_quote(argv)}\n".encode()
         for log in logs.values():
-            log.write(header)
+            _to_log(log, header)
         process = subprocess.Popen(argv, cwd=stage_dirs[0].root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            _stream(process, logs, verbose)
-            return process.wait()
+            with HangWatch(stages, stage_dirs, hosts, stop=lambda: stop_launch(process, stages[0], stage_dirs, hosts)):
+                _stream(process, logs, verbose)
+                return process.wait()
         except KeyboardInterrupt:
             stop_launch(process, stages[0], stage_dirs, hosts)
             raise
@@ -139,18 +184,25 @@ def _stream(process: subprocess.Popen, logs: dict[int, BinaryIO], verbose: bool)
             stage = STAGE_LINE.match(segment)
             if stage and int(stage.group(1)) in logs:
                 log = logs[int(stage.group(1))]
-            log.write(segment)
+            _to_log(log, segment)
             # A closing progress bar's own line end counts as the harness's (the bar ends in \r).
             if verbose or segment.startswith(PREFIX.encode()) or (bar_open and segment in (b"\r", b"\n")):
                 out.write(segment)
                 bar_open = segment.endswith(b"\r")
         pending = pending[start:]
-        log.flush()
         out.flush()
-    log.write(pending)
+    _to_log(log, pending)
     if verbose or pending.startswith(PREFIX.encode()):
         out.write(pending)
         out.flush()
+
+
+def _to_log(log: BinaryIO, data: bytes) -> None:
+    """A full disk must not end the streaming: the console still shows the harness's lines."""
+    try:
+        log.write(data)
+    except OSError:
+        pass
 
 
 def stop_launch(process: subprocess.Popen, stage: Stage, stage_dirs: list[StageDir], hosts: list[str], grace_s: float = 10.0) -> None:

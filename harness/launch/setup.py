@@ -10,25 +10,26 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness import objectives
 from harness.objectives import OBJECTIVES
 from harness.objectives.samples import row_location
 from harness.launch.command import deepspeed_binary, launcher_command
 from harness.launch.hosts import hostfile_path, local_gpu_count, machine_memory
-from harness.launch.jobs import read_param_table, validate_with_deepspeed
+from harness.launch.jobs import FactsJob, read_param_table, validate_with_deepspeed
 from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
-from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, load_plan
+from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, folder_problem, load_plan
 from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
 from harness.stages import (Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, stage_stores,
                             start_decision)
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
+from harness.stages.model_fit import facts_problems, facts_request, fit_stages
+from harness.stages.params import ParamTable
 from harness.stages.resume import ds_config_for, resume_point
 
 
@@ -84,32 +85,47 @@ def tokenizer_vocab(tokenizer: str | None) -> int:
     return max(ids, default=BYTE_VOCAB - 1) + 1
 
 
-def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
-    """The plan, its stages and their DeepSpeed configs, all checked; raises PlanError on any problem.
-    Only configs without a problem of their own are shown to DeepSpeed (an "auto" crashes its checks)."""
+def validated_stages(plan_path: str | Path, warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+                     ) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
+    """The plan, its stages and their DeepSpeed configs, all checked; raises PlanError on any problem,
+    `warn`s one line for each thing that works but may not do what was meant. Only configs without
+    a problem of their own are shown to DeepSpeed (an "auto" crashes its checks)."""
     plan = load_plan(plan_path, objectives.file_problem)
+    # The model's and tokenizer's facts, found in a child process while the stages resolve.
+    facts_job = FactsJob(facts_request(plan), plan.cache_dir)
     accelerator = detect_accelerator(plan.cluster.accelerator)
     local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
-    # The model's parameter names, read (in a child process) only if some stage's trainable set needs
-    # them: once for the model, once per adapter (its JSON is the cache key).
-    tables = functools.cache(lambda adapter_json: read_param_table(plan.model, Adapter.model_validate_json(adapter_json) if adapter_json else None))
+    # The model's parameter names, only if some stage's trainable set needs them: the model's own come
+    # with its facts, a table with an adapter applied from another child process, once per adapter.
+    adapted = functools.cache(lambda adapter_json: read_param_table(plan.model, Adapter.model_validate_json(adapter_json)))
 
-    def model_params(adapter: Adapter | None):
-        return tables(adapter.model_dump_json() if adapter else None)
+    def model_params(adapter: Adapter | None) -> ParamTable:
+        if adapter is not None:
+            return adapted(adapter.model_dump_json())
+        facts = facts_job.result()
+        if facts.params is None:
+            raise PlanError(facts_problems(facts, plan.model))
+        return facts.params
 
     stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params,
                            wandb_mode=resolve_mode(plan.wandb.mode), machine=machine_memory())
+    fields = stage_fields(plan)
     configs = [get_train_ds_config(stage) for stage in stages]
     problems, sound = [], []
-    for stage, config, where in zip(stages, configs, stage_fields(plan)):
+    for stage, config, where in zip(stages, configs, fields):
         own = [(f"{where}.deepspeed.{key}", value, allowed) for key, value, allowed in deepspeed_block_problems(stage)]
         own += [(f"stage '{stage.name}' deepspeed config", config.get("train_batch_size"), p) for p in check_ds_config(config, stage.world_size)]
         problems += own
         if not own:
             sound.append(stage)
     problems += [(f"stage '{sound[k].name}' deepspeed", None, problem) for k, problem in validate_with_deepspeed([configs[s.index] for s in sound])]
+    facts = facts_job.result()
+    stages, fit_problems, warnings = fit_stages(stages, fields, facts)
+    problems = facts_problems(facts, plan.model) + fit_problems + problems
     if problems:
         raise PlanError(problems)
+    for line in warnings:
+        warn(f"[harness] warning: {line}")
     return plan, stages, configs
 
 
@@ -123,12 +139,7 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
     """Validate everything before anything is written: the plan, and that --out is a folder this user
     can write or create; raises PlanError listing every problem."""
     root = Path(out).resolve()
-    nearest = next(p for p in (root, *root.parents) if p.exists())  # --out itself, or where it will be created
-    out_problems = []
-    if not nearest.is_dir():
-        out_problems.append(("--out", str(out), f"a folder, or a path where one can be created ({nearest} is a file)"))
-    elif not os.access(nearest, os.W_OK | os.X_OK):
-        out_problems.append(("--out", str(out), f"a folder you can write, or a path where you can create one ({nearest} is not writable)"))
+    out_problems = [("--out", str(out), why)] if (why := folder_problem(root)) else []
     try:
         plan, stages, configs = validated_stages(plan_path)
     except PlanError as error:

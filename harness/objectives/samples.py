@@ -35,21 +35,12 @@ def file_problem(path: str, spec: DataSpec, objective: Objective) -> str | None:
     fmt = spec.resolved_format()
     if fmt == "parquet":
         return _parquet_problem(path, spec, objective)
-    suffix = os.path.splitext(path)[1]
-    if suffix == ".zst":
+    if os.path.splitext(path)[1] == ".zst":
         return None  # zstandard is not in the standard library; the builder reads it
-    try:
-        with OPENERS.get(suffix, open)(path, "rb") as f:
-            data = f.read(SAMPLE_BYTES)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
-        return f"a readable file ({error})"
-    whole = len(data) < SAMPLE_BYTES
-    if whole and not data.strip():
-        return "a file with rows (this one is empty)"
-    try:
-        text = data.decode("utf-8") if whole else data[: data.rfind(b"\n") + 1].decode("utf-8")  # the last line may be cut
-    except UnicodeDecodeError as error:
-        return f"UTF-8 text (line {_line_of(data, error.start)} is not: {error.reason} at byte {error.start})"
+    sample = _sample_text(path)
+    if isinstance(sample, str):
+        return sample
+    text, whole = sample
     if fmt == "text":
         if objective.structured_rows(spec):
             return f"rows of shape {spec.rows!r} (a text file has one column, {TEXT_COLUMN!r}: use json or parquet files)"
@@ -63,6 +54,42 @@ def file_problem(path: str, spec: DataSpec, objective: Objective) -> str | None:
         if problem is not None:
             return f"{problem.expected} ({where} {problem.found})"
     return None
+
+
+def first_rows(path: str, spec: DataSpec, limit: int) -> list[tuple[str, dict]]:
+    """('line N', 'row K (line N)' or 'row K', row) of the first `limit` rows of a JSON Lines, JSON
+    array or parquet file; [] for text and .zst files, or a sample file_problem refuses."""
+    fmt = spec.resolved_format()
+    if fmt == "parquet":
+        import pyarrow.parquet
+
+        batch = next(pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=limit), None)
+        return [(f"row {k}", row) for k, row in enumerate(batch.to_pylist() if batch is not None else [], 1)]
+    if fmt == "text" or os.path.splitext(path)[1] == ".zst":
+        return []
+    sample = _sample_text(path)
+    if isinstance(sample, str):
+        return []
+    text, whole = sample
+    rows = _json_array_rows(text, whole) if text.lstrip().startswith("[") else _json_lines_rows(text)
+    return [] if isinstance(rows, str) else rows[:limit]
+
+
+def _sample_text(path: str) -> tuple[str, bool] | str:
+    """(the first SAMPLE_BYTES of the file as text, whether that is all of it), or what keeps it
+    from being read; a cut sample ends at its last whole line."""
+    try:
+        with OPENERS.get(os.path.splitext(path)[1], open)(path, "rb") as f:
+            data = f.read(SAMPLE_BYTES)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
+        return f"a readable file ({error})"
+    whole = len(data) < SAMPLE_BYTES
+    if whole and not data.strip():
+        return "a file with rows (this one is empty)"
+    try:
+        return (data.decode("utf-8") if whole else data[: data.rfind(b"\n") + 1].decode("utf-8")), whole
+    except UnicodeDecodeError as error:
+        return f"UTF-8 text (line {_line_of(data, error.start)} is not: {error.reason} at byte {error.start})"
 
 
 def is_json_array(path: str) -> bool:

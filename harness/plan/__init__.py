@@ -12,7 +12,7 @@ imports nothing else of the harness, and never torch.
     errors.py        PlanError: every problem at once, each with field, value and what is allowed
     load.py          YAML -> Plan; checks.py, hostfile.py, model_source.py what it checks besides
 """
-from harness.plan.checks import FileProblem, expand_files
+from harness.plan.checks import FileProblem, expand_files, folder_problem
 from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
 from harness.plan.data import DataSpec, MixSpec, MultistepData
 from harness.plan.errors import PlanError, Problem
@@ -29,5 +29,5 @@ __all__ = [
     "ALL_LINEAR", "AdapterSpec", "BUILTIN_CONFIGS", "BYTE_VOCAB", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
     "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec", "PreferenceSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
-    "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",
+    "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "folder_problem", "is_secret", "load_plan", "parse_plan",
 ]

@@ -48,6 +48,9 @@ def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProb
             problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
     problems += _preference_problems(i, phase)
     for where, kind, spec in _data_specs(phase):
+        if spec.packing and kind == "pretrain":
+            problems.append((f"phases[{i}].{where}.packing", True, "false for pretrain data: pretrain blocks are always packed (documents "
+                             "end to end, seq_len tokens a block, no padding); packing lays fine-tune rows end to end"))
         for k, pattern in enumerate(spec.files):
             files = expand_files([pattern], base_dir)
             if not files:
@@ -104,3 +107,14 @@ def expand_files(patterns: list[str], base_dir: Path) -> list[str]:
         matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
         files += [str(Path(m).resolve()) for m in matches if os.path.isfile(m)]
     return files
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a folder this user writes into (or creates), or None: the nearest
+    existing part of it must be a folder that is writable."""
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if not nearest.is_dir():
+        return f"a folder, or a path where one can be created ({nearest} is a file)"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"a folder you can write, or a path where you can create one ({nearest} is not writable)"
+    return None

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import yaml
 from pydantic import ValidationError
 
-from harness.plan.checks import FileProblem, check_cluster, check_phase, expand_files
+from harness.plan.checks import FileProblem, check_cluster, check_phase, expand_files, folder_problem
 from harness.plan.cluster import ClusterSpec
 from harness.plan.data import DataSpec, MultistepData
 from harness.plan.errors import PlanError, Problem, problems_from
@@ -59,6 +59,8 @@ def parse_plan(raw: Any, base_dir: Path, file_problem: FileProblem | None = None
     for i, phase in enumerate(plan.phases if plan else [_valid(PhaseSpec, p) for p in phases]):
         if phase is not None:
             problems += check_phase(i, phase, base_dir, file_problem)
+    if plan is not None and (why := folder_problem(_cache_dir(plan, base_dir))):
+        problems.append(("cache_dir", plan.cache_dir or str(default_cache_dir()), f"{why}: the token stores are built there"))
     if problems:
         raise PlanError(problems)
     return _resolve_paths(plan.model_copy(update={"model": model}), base_dir)
@@ -139,8 +141,12 @@ def _resolve_paths(plan: Plan, base_dir: Path) -> Plan:
     cluster = plan.cluster
     if cluster.hostfile is not None:
         cluster = cluster.model_copy(update={"hostfile": absolute(cluster.hostfile)})
-    cache_dir = absolute(os.path.expanduser(plan.cache_dir)) if plan.cache_dir else str(default_cache_dir())
-    return plan.model_copy(update={"phases": phases, "cluster": cluster, "cache_dir": cache_dir})
+    return plan.model_copy(update={"phases": phases, "cluster": cluster, "cache_dir": str(_cache_dir(plan, base_dir))})
+
+
+def _cache_dir(plan: Plan, base_dir: Path) -> Path:
+    """The plan's cache_dir made absolute (relative to the plan), or the default one."""
+    return (base_dir / os.path.expanduser(plan.cache_dir)).resolve() if plan.cache_dir else default_cache_dir()
 
 
 def load_plan(path: str | Path, file_problem: FileProblem | None = None) -> Plan:

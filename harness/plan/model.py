@@ -30,6 +30,12 @@ class ModelSpec(Strict):
     tokenizer: str | None = None
     """'bytes' (built-in byte-level tokenizer), a tokenizer folder or hub id; unset: the model's
     own (its path's folder must hold tokenizer files), or bytes for a builtin model."""
+    resize_embeddings: bool = False
+    """Give the model one embedding row (and output row) per token of a tokenizer that has more
+    tokens than the model's embedding rows. The new rows start as transformers'
+    resize_token_embeddings(mean_resizing=True) makes them (drawn around the mean of the old rows);
+    the stage's manifest records it. Without it such a tokenizer is refused (its ids past the
+    rows would fail in the first forward)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

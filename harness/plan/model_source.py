@@ -32,6 +32,8 @@ def resolve_model(model: ModelSpec, base_dir: Path) -> tuple[ModelSpec, list[Pro
                              f"({', '.join(TOKENIZER_FILES)}): give `tokenizer: bytes` (the built-in byte tokenizer) or a tokenizer folder"))
     elif tokenizer is not None and tokenizer != "bytes":
         tokenizer, why = _local_folder(model.tokenizer, base_dir)
+        if tokenizer is not None and not _has_tokenizer(Path(tokenizer)):
+            tokenizer, why = None, f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
         if tokenizer is None:
             problems.append(("model.tokenizer", model.tokenizer, f"'bytes' or a tokenizer folder: {why}"))
     return model.model_copy(update={"path": path, "tokenizer": tokenizer}), problems

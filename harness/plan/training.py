@@ -322,6 +322,16 @@ class TrainSettings(Strict):
     eval steps and the last step always log."""
     seed: int = 1234
     """Seeds the model's random init, the held-out split and the order of the samples."""
+    hang_timeout: float | None = Field(None, gt=0)
+    """Seconds a rank may go without progress (a step, an eval, a checkpoint save...) before the
+    launch is judged hung: every rank's Python stack goes to its log, the launch is ended and the
+    stage fails naming the stuck rank(s). Default: the larger of 300 and 20 x the slowest step seen.
+    Starting, building, the micro batch probe, reference passes, the first step (compiling),
+    evals, checkpoint saves and the handoff get six times as long."""
+    nonfinite_steps: int = Field(3, ge=1)
+    """Stop the stage when the training loss is NaN or infinite this many steps in a row (no
+    checkpoint is saved while it is not finite; the message names the last finite loss and the
+    checkpoint a rerun resumes from)."""
     nodes: int | None = Field(None, ge=1)
     """Override cluster.nodes for this phase (world size may change between phases)."""
     procs_per_node: int | None = Field(None, ge=1)

@@ -16,14 +16,16 @@ from harness.records.checkpoints import (MANIFEST_FORMAT, CheckpointRecord, Load
                                          StartRecord)
 from harness.records.engine import Adapter, EngineIdentity, adapter_text, differences, zero_family
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files, file_check, folder_checks, read_json_lines, write_atomic
-from harness.records.launches import MemoryRecord, RankRecord, SlurmJob, SlurmJobs
+from harness.records.launches import (STACK_SIGNAL, HangRecord, Heartbeat, MemoryRecord, NonFiniteRecord, RankRecord, SlurmJob, SlurmJobs,
+                                      StuckRank)
 from harness.records.layout import CHECKPOINT_COMPLETE, RunDir, StageDir
-from harness.records.manifest import (BatchRecord, FastRecord, GroupRecord, Manifest, ProbeTry, ReferenceRecord, TrainableRecord, is_done,
-                                      older_format, read_manifest)
+from harness.records.manifest import (BatchRecord, EmbeddingResize, FastRecord, GroupRecord, Manifest, ProbeTry, ReferenceRecord,
+                                      TrainableRecord, is_done, older_format, read_manifest)
 
 __all__ = [
-    "CHECKPOINT_COMPLETE", "MANIFEST_FORMAT", "Adapter", "BatchRecord", "CheckpointRecord", "EngineIdentity", "FastRecord", "FileCheck", "GroupRecord",
-    "InvalidRecord", "LoadRecord", "Manifest", "MemoryRecord", "ProbeTry", "Progress", "RankRecord", "Record", "ReferenceRecord", "ResumePoint",
+    "CHECKPOINT_COMPLETE", "MANIFEST_FORMAT", "STACK_SIGNAL", "Adapter", "BatchRecord", "CheckpointRecord", "EmbeddingResize", "EngineIdentity",
+    "FastRecord", "FileCheck", "GroupRecord", "HangRecord", "Heartbeat", "InvalidRecord", "LoadRecord", "Manifest", "MemoryRecord",
+    "NonFiniteRecord", "ProbeTry", "Progress", "RankRecord", "Record", "ReferenceRecord", "ResumePoint", "StuckRank",
     "ResumeRecord", "RunDir", "SlurmJob", "SlurmJobs", "StageDir", "StartDecision", "StartRecord", "TrainableRecord", "damaged_files",
     "adapter_text", "differences", "file_check", "folder_checks", "is_done", "older_format", "read_json_lines", "read_manifest", "write_atomic",
     "zero_family",

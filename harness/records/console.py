@@ -28,3 +28,13 @@ def eval_summary(metrics: dict[str, float]) -> str:
     shown.update({key.removeprefix("eval/"): value for key, value in sorted(metrics.items())
                   if key not in SUMMARY_METRICS and key.startswith("eval/") and not key.endswith("_ppl")})
     return "  ".join(f"{name} {value:.2f}" if abs(value) >= 100 else f"{name} {value:.3f}" for name, value in shown.items())
+
+
+def duration(seconds: float) -> str:
+    """'45s', '12m05s', '3h20m': short, for the progress bar and `harness status`."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

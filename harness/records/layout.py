@@ -20,7 +20,8 @@
         hostfile                the hosts of a pdsh/SLURM launch (from the plan's host list or the allocation)
         .deepspeed_env          variables the launcher passes to remote ranks (no secrets; 0600)
         ranks/                  one file per rank: host and pid, for cleanup and checks
-                                (rank<N>.json), its log, memory-rank<N>.json, end-rank<N>.txt
+                                (rank<N>.json), its log, memory-rank<N>.json, end-rank<N>.txt,
+                                heartbeat-rank<N>.json; hang.json or nonfinite.json when it stopped so
       slurm/                    rendered sbatch scripts, their stop files and logs, and jobs.json (harness submit)
       wandb/, wandb_id.txt      W&B files and the run's W&B key (one W&B run per stage)
       report.png, report.json   `harness report`: curves and the table
@@ -134,6 +135,20 @@ class StageDir:
     def rank_memory(self, rank: int) -> Path:
         """The rank's peak and current RSS at its last milestone (harness/worker/memory.py)."""
         return self.ranks / f"memory-rank{rank}.json"
+
+    def rank_heartbeat(self, rank: int) -> Path:
+        """What the rank is doing, rewritten every second while it runs (records.Heartbeat)."""
+        return self.ranks / f"heartbeat-rank{rank}.json"
+
+    @property
+    def hang(self) -> Path:
+        """The launch side's verdict on a hung launch (records.HangRecord)."""
+        return self.ranks / "hang.json"
+
+    @property
+    def nonfinite(self) -> Path:
+        """Why the stage stopped on a non-finite loss (records.NonFiniteRecord)."""
+        return self.ranks / "nonfinite.json"
 
     def rank_end(self, rank: int) -> Path:
         """How the rank ended, written by the rank itself: 'exit', or the stack at SIGTERM or a

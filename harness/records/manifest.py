@@ -89,6 +89,17 @@ class BatchRecord(Record):
     probe_seconds: float | None = None
 
 
+class EmbeddingResize(Record):
+    """Embedding rows the first stage adds for a tokenizer longer than the model's embeddings
+    (model.resize_embeddings): decided on the launch side (stage.json), recorded in the manifest."""
+
+    rows_before: int
+    rows_after: int
+    init: Literal["mean"] = "mean"
+    """How the new rows start: as transformers' resize_token_embeddings(mean_resizing=True) makes
+    them, drawn from a normal around the old rows' mean with their covariance."""
+
+
 class ReferenceRecord(Record):
     """A preference stage's reference log-probabilities (dpo, ipo): where they are, and whether this
     attempt of the stage computed them from its start weights or read them (harness/worker/objectives/preference.py)."""
@@ -142,6 +153,8 @@ class Manifest(Record):
     """The fast path as it ran (None: a manifest written without one)."""
     batch: BatchRecord | None = None
     """The micro batch and accumulation steps the stage trained with (None: written without one)."""
+    embedding_resize: EmbeddingResize | None = None
+    """Embedding rows this stage added before training (None: none)."""
     memory: MemoryPlan | None = None
     """The memory the launch side planned: the per-rank estimate, the memory of a rank, and each
     `auto` setting's choice with its reason (None: no estimate, or written without one)."""

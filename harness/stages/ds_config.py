@@ -78,7 +78,7 @@ def merge_deepspeed_block(generated: dict[str, Any], block: dict[str, Any], shap
     sources = _auto_sources(generated, shape)
     for path, value in _leaves(block):
         if path not in PLAN_DECIDES:
-            _put(merged, path, _lookup(sources, path, "auto") if value == "auto" else copy.deepcopy(value))
+            _put(merged, path, _filled(value, _lookup(sources, path, MISSING)))
     return merged
 
 
@@ -91,9 +91,12 @@ def deepspeed_block_problems(stage: Stage) -> list[tuple[str, Any, str]]:
     problems = []
     for path, value in _leaves(stage.settings.deepspeed):
         key, planned = ".".join(map(str, path)), _lookup(generated, path, MISSING)
-        if value == "auto":
-            if _lookup(sources, path, MISSING) is MISSING:
-                problems.append((key, value, 'a value: "auto" takes what the plan generates at this key, and it generates nothing there'))
+        unfilled = _unfilled(value, _lookup(sources, path, MISSING), key)
+        if unfilled:
+            problems += [(where, "auto", 'a value: "auto" takes what the plan generates at this key, and it generates nothing there')
+                         for where in unfilled]
+        elif value == "auto":
+            continue  # filled from the generated value, whatever the key
         elif path in PLAN_DECIDES and not _same(value, planned):
             plan_value = "none" if planned is MISSING else repr(planned)
             problems.append((key, value, f'"auto" or the plan\'s value ({plan_value}): set {PLAN_DECIDES[path]} in the plan instead '
@@ -115,6 +118,37 @@ def _leaves(block: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple
             yield from _leaves(value, (*path, key))
         else:
             yield (*path, key), value
+
+
+def _filled(value: Any, source: Any) -> Any:
+    """value with every "auto" in it (the value itself, or an item of a list or mapping in it, at any
+    depth: "betas": ["auto", "auto"]) replaced by what source holds at the same place; an "auto"
+    source has nothing for stays (_unfilled names it)."""
+    if value == "auto":
+        return "auto" if source is MISSING else copy.deepcopy(source)
+    if isinstance(value, list):
+        return [_filled(item, _item(source, k)) for k, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: _filled(item, _item(source, key)) for key, item in value.items()}
+    return copy.deepcopy(value)
+
+
+def _unfilled(value: Any, source: Any, where: str) -> list[str]:
+    """Where each "auto" in value that source has nothing for sits: 'optimizer.params.betas[0]'."""
+    if value == "auto":
+        return [where] if source is MISSING else []
+    if isinstance(value, list):
+        return [found for k, item in enumerate(value) for found in _unfilled(item, _item(source, k), f"{where}[{k}]")]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _unfilled(item, _item(source, key), f"{where}.{key}")]
+    return []
+
+
+def _item(container: Any, key: str | int) -> Any:
+    """container[key] of a list or mapping, MISSING when it has none."""
+    if isinstance(container, list):
+        return container[key] if isinstance(key, int) and key < len(container) else MISSING
+    return container.get(key, MISSING) if isinstance(container, dict) else MISSING
 
 
 def _lookup(config: Any, path: tuple[str, ...], default: Any) -> Any:

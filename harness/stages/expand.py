@@ -62,7 +62,8 @@ def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_r
         stages += _with_phase_offsets(phase_stages)
     if problems:
         raise PlanError(problems)
-    return stages
+    later = [sum(stage.steps for stage in stages[k + 1:]) for k in range(len(stages))]
+    return [stage.model_copy(update={"steps_after": steps_after}) for stage, steps_after in zip(stages, later)]
 
 
 def _counted_once(count_train_rows: RowCounter) -> RowCounter:

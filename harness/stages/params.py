@@ -1,6 +1,6 @@
 """The model's parameters as the worker will see them (names, shapes, roles), for the launch side.
 
-The table comes from a child process (harness/jobs/param_table.py: it imports torch and
+The table comes from a child process (harness/jobs/model_facts.py: it imports torch and
 transformers, the launch side never does), which builds the model's architecture on the meta
 device: no weight is read or allocated, and the names are exactly those of `named_parameters()`
 on the ranks. Names

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from harness.objectives import OBJECTIVES
 from harness.plan import BYTE_VOCAB, ClusterSpec, DataSpec, MixSpec, ModelSpec, OffloadSpec, SlurmSpec, Strict, TrainSettings, WandbSpec
-from harness.records import EngineIdentity, Record, ResumePoint, StartDecision
+from harness.records import EmbeddingResize, EngineIdentity, Record, ResumePoint, StartDecision
 from harness.records.memory import MemoryPlan
 from harness.stages.fast import FastChoice
 from harness.stages.trainable import TrainableSet
@@ -109,6 +109,8 @@ class Stage(Strict):
     """Steps of this phase run before this stage (multistep), for schedules that span the phase."""
     phase_steps: int
     """Steps of the whole phase."""
+    steps_after: int = 0
+    """Steps of the plan's stages after this one: with this stage's step time, the plan's ETA."""
     micro_batch: int
     """Samples per forward on each rank: the plan's; with micro_batch auto the largest candidate,
     which the worker replaces by the probe's choice (harness/worker/batch_probe.py)."""
@@ -138,6 +140,9 @@ class Stage(Strict):
     memory: MemoryPlan | None = None
     """The per-rank memory estimate of this configuration, the memory a rank has, and the choices the
     estimate made (harness/stages/fit.py); None when the model's config gives no shape to estimate from."""
+    embedding_resize: EmbeddingResize | None = None
+    """The embedding rows this stage adds before training (the first stage, with model.resize_embeddings
+    and a tokenizer longer than the model's embeddings: harness/stages/model_fit.py)."""
 
     @property
     def world_size(self) -> int:

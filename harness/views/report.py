@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 from rich import box
@@ -28,6 +29,8 @@ FINAL_LOSS_WINDOW = 5
 # (eval/exact_match ...; see task_metrics.py), then a preference stage's held-out reward accuracy
 # and margin (eval/rewards/accuracies, eval/rewards/margins; see objectives/preference.py).
 METRIC_KEYS = metric_keys(list(METRIC_NAMES)) + ["eval/rewards/accuracies", "eval/rewards/margins"]
+# A line style per data set a stage's steps draw from (color: the stage).
+LINE_STYLES = ["-", "--", ":", "-."]
 
 
 @dataclass
@@ -46,6 +49,15 @@ class StageRecord:
     def values(self, key: str) -> list[tuple[int, float]]:
         """(global_step, value) of every metric line that has `key`."""
         return [(r["global_step"], r[key]) for r in self.rows if key in r]
+
+    def train_lines(self) -> dict[str | None, list[tuple[int, float]]]:
+        """(global_step, train loss) per data set the steps drew from (a multistep stage alternates or
+        mixes two: one line each, not a sawtooth between them); None: rows that name none."""
+        lines: dict[str | None, list[tuple[int, float]]] = {}
+        for r in self.rows:
+            if "train/loss" in r:
+                lines.setdefault(r.get("data"), []).append((r["global_step"], r["train/loss"]))
+        return lines
 
     def setup(self, key: str):
         """A manifest field (kind, optimizer, zero_stage, ...: its engine's too), else the first
@@ -70,6 +82,13 @@ class RunRecord:
     name: str
     root: Path
     stages: list[StageRecord]
+    plan: str | None = None
+    """The plan's name (from the run folder's plan.yaml)."""
+
+    @property
+    def title(self) -> str:
+        """"plan 'demo' (runs/demo)": what the figure and the table are of."""
+        return f"plan '{self.plan}' ({self.root})" if self.plan else f"run {self.root}"
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -84,7 +103,15 @@ def load_run(run_dir: str | Path) -> RunRecord:
     stages = [_load_stage(sd) for sd in run.stage_dirs()]
     if not stages:
         raise ValueError(f"no stage folders in {run.phases} (is {run.root} a run folder?)")
-    return RunRecord(name=run.root.resolve().name, root=run.root, stages=stages)
+    return RunRecord(name=run.root.resolve().name, root=run.root, stages=stages, plan=_plan_name(run))
+
+
+def _plan_name(run: RunDir) -> str | None:
+    try:
+        plan = yaml.safe_load(run.plan_copy.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return plan.get("name") if isinstance(plan, dict) else None
 
 
 def _load_stage(stage_dir: StageDir) -> StageRecord:
@@ -162,18 +189,24 @@ def report_table(run: RunRecord) -> list[dict]:
 
 
 def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Path:
-    """Plot one run and write its table; return the PNG path.
-
-    The PNG (default <out>/report.png) has train loss against global step, stage
-    boundaries and labels, eval loss points on top, and below it one panel per eval
-    metric (eval loss, each task metric, reward accuracy and margin): every evaluation of every stage against
-    global step, so a metric's jump between stages shows (an eval before a stage's
-    first step, `eval_on_start`, sits at the boundary). <out>/report.json holds
-    report_table's rows.
-    """
+    """Plot one run (report_figure) and write its table; return the PNG path (default
+    <out>/report.png). <out>/report.json holds report_table's rows."""
     run, folder = load_run(run_dir), RunDir(Path(run_dir))
-    rows = report_table(run)
     png = Path(png_path) if png_path else folder.report_png
+    png.parent.mkdir(parents=True, exist_ok=True)
+    report_figure(run).savefig(png, dpi=100)
+    folder.report_json.write_text(json.dumps(report_table(run), indent=2) + "\n")
+    return png
+
+
+def report_figure(run: RunRecord) -> Figure:
+    """Train loss against global step (a line per stage, and per data set within a stage: a
+    multistep stage's pretrain and fine-tune batches are two lines), stage boundaries and labels,
+    eval loss points on top, and below it one panel per eval metric (eval loss, each task
+    metric, reward accuracy and margin): every evaluation of every stage against global step, so
+    a metric's jump between stages shows (an eval before a stage's first step, `eval_on_start`,
+    sits at the boundary).
+    Titled with the plan's name and the run folder."""
     keys = ["eval/loss"] + metric_columns([r for stage in run.stages for r in stage.rows])
     columns = min(len(keys), 3)
     panel_rows = -(-len(keys) // columns)
@@ -185,21 +218,19 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
         _plot_metric(ax, run, key)
     for ax in bottom.axes[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"run {run.name}")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    folder.report_json.write_text(json.dumps(rows, indent=2) + "\n")
-    return png
+    fig.suptitle(run.title)
+    return fig
 
 
 def _plot_loss(ax, run: RunRecord) -> None:
     # x in data units, y in axes units: labels sit just above the plot, clear of the curves.
     label_at = blended_transform_factory(ax.transData, ax.transAxes)
+    data_sets = list(dict.fromkeys(data for stage in run.stages for data in stage.train_lines()))
+    style = {data: LINE_STYLES[k % len(LINE_STYLES)] for k, data in enumerate(data_sets)}
     for i, stage in enumerate(run.stages):
         color = f"C{i % 10}"
-        train = stage.values("train/loss")
-        if train:
-            ax.plot(*zip(*train), color=color, linewidth=1.2)
+        for data, points in stage.train_lines().items():
+            ax.plot(*zip(*points), color=color, linestyle=style[data], linewidth=1.2)
         start, _ = stage.step_range()
         if start is None:
             continue
@@ -212,9 +243,13 @@ def _plot_loss(ax, run: RunRecord) -> None:
     ax.set_xlabel("global step")
     ax.set_ylabel("train loss")
     ax.grid(alpha=0.3)
+    if len(data_sets) > 1:
+        for data in data_sets:
+            ax.plot([], [], color="grey", linestyle=style[data], label=f"train loss, {data or 'other'} batches")
     evals = [p for stage in run.stages for p in stage.values("eval/loss")]
     if evals:
         ax.plot(*zip(*evals), "o", color="black", markersize=5, label="eval loss")
+    if evals or len(data_sets) > 1:
         ax.legend(loc="upper right")
 
 

@@ -33,6 +33,10 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
           + ", ".join(sorted({f'{stage.handoff_dtype}' for stage in setup.stages})) + " (handoff_dtype)")
     for stage in setup.stages:
         print(f"stage {stage.index:02d} {stage.name}: load {setup.starts[stage.index].mode}: {setup.starts[stage.index].reason}")
+        if stage.embedding_resize:
+            resize = stage.embedding_resize
+            print(f"  embeddings: {resize.rows_before} -> {resize.rows_after} rows, one per token of the tokenizer (model.resize_embeddings; "
+                  "new rows started as transformers' resize_token_embeddings(mean_resizing=True))")
         for note in stage.fast.notes:
             print(f"  fast: {note}")
         if stage.micro_batch_candidates:
@@ -153,11 +157,12 @@ def _mb(size: int) -> str:
 def print_status(run: RunDir, jobs: dict[int, SlurmJob], slurm_states: dict[str, dict[str, str]]) -> None:
     """`harness status`: a row per stage folder; with the SLURM job of each and its state when submitted."""
     table = Table(title=str(run.root))
-    columns = ["#", "stage", "state", "steps", "loss", "checkpoint", "load mode"] + (["slurm job", "slurm state"] if jobs else [])
+    columns = ["#", "stage", "state", "steps", "loss", "checkpoint", "load mode", "eta"] + (["slurm job", "slurm state"] if jobs else [])
     for column in columns:
         table.add_column(column)
     for s in stage_statuses(run):
-        row = [f"{s.index:02d}", s.name, s.state, s.steps, "-" if s.loss is None else f"{s.loss:.4f}", s.checkpoint or "-", s.load_mode or "-"]
+        row = [f"{s.index:02d}", s.name, s.state, s.steps, "-" if s.loss is None else f"{s.loss:.4f}", s.checkpoint or "-", s.load_mode or "-",
+               s.eta or "-"]
         if jobs:
             job = jobs.get(s.index)
             row += [job.job_id or "-", _slurm_state(slurm_states[job.job_id]) if job.job_id else "-"] if job else ["-", "-"]

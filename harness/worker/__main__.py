@@ -5,7 +5,9 @@ import os
 import socket
 from pathlib import Path
 
+from harness.records import StageDir
 from harness.records.environment import SECRETS_FILE_VAR
+from harness.worker import heartbeat
 
 
 def _map_slurm_env() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     _map_slurm_env()
     _load_secrets()
+    heartbeat.start(StageDir(args.stage[0].parent), int(os.environ.get("RANK", "0")))
     from harness.worker.train import run_launch  # after the env is complete: importing deepspeed (and wandb) reads it
 
     run_launch(args.stage)

@@ -21,6 +21,7 @@ import torch
 
 from harness.records import BatchRecord, InvalidRecord, ProbeTry, StageDir
 from harness.stages import Stage
+from harness.worker import heartbeat
 from harness.worker.fast import FastPath
 from harness.worker.memory import meminfo_bytes, reset_peak, rss_bytes
 from harness.worker.objectives import RANK_OBJECTIVES
@@ -66,6 +67,7 @@ def probe(stage: Stage, strategy: DeepSpeedStrategy, build_model: Callable[[], t
     """Try micro batches on a throwaway engine; the largest that fitted on every rank (the
     smallest candidate when none did). Leaves the strategy ready for the chosen batch."""
     started = time.perf_counter()
+    heartbeat.doing("probe")
     candidates = stage.micro_batch_candidates
     cuda = strategy.device.type == "cuda"
     budget = min(strategy.all_gather_object(_budget_bytes(stage, cuda)))

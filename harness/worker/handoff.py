@@ -37,8 +37,10 @@ from harness.records import (CHECKPOINT_COMPLETE, CheckpointRecord, LoadRecord, 
                              StageDir, StartDecision, StartRecord, TrainableRecord, file_check, folder_checks, read_manifest)
 from harness.stages import Stage, engine_identity, expected_start_digest
 from harness.stages.trainable import trainable_record
+from harness.worker import heartbeat
 from harness.worker.adapter import ADAPTER_CONFIG, base_model, write_adapter_folder
 from harness.worker.faults import fault_point
+from harness.worker.stops import written
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
 from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
 
@@ -178,16 +180,19 @@ class Checkpointer:
     def save(self, progress: Progress) -> str:
         """A DeepSpeed checkpoint, marked complete once every rank has written its part. Collective."""
         tag = f"step{progress.stage_step}"
-        self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": progress.model_dump()})
+        folder = self.dir.checkpoints / tag
+        heartbeat.doing("checkpoint save")
+        with written(folder, f"checkpoint {tag}"):
+            self.strategy.save_checkpoint(self.dir.checkpoints, tag, {"progress": progress.model_dump()})
         fault_point(self.stage, self.strategy.rank, "save")
         self.strategy.barrier()
-        folder = self.dir.checkpoints / tag
         # Each rank checksums the files it wrote (their names carry the rank), while they are in its page cache.
         mine = {rel: check.model_dump() for rel, check in folder_checks(folder, folder, lambda name: _writer_rank(name) == self.strategy.rank).items()}
         files = {rel: check for part in self.strategy.all_gather_object(mine) for rel, check in part.items()}
         if self.strategy.is_rank0:
             record = CheckpointRecord(progress=progress, engine=engine_identity(self.stage), files=files)
-            record.write(folder / CHECKPOINT_COMPLETE)
+            with written(folder, f"checkpoint {tag}"):
+                record.write(folder / CHECKPOINT_COMPLETE)
             self._drop_old_checkpoints()
         return tag
 
@@ -240,8 +245,10 @@ class Checkpointer:
         tag = f"step{progress.stage_step}"
         if self.dir.latest_checkpoint() != tag:  # a stage resumed at its last step has it already
             self.save(progress)
+        heartbeat.doing("handoff")
         moments = self.strategy.optimizer_state_digest()
-        weights = self._write_model(model, tokenizer)
+        with written(self.dir.model, "the handoff model"):
+            weights = self._write_model(model, tokenizer)
         fault_point(self.stage, self.strategy.rank, "handoff")
         self.strategy.barrier()  # every rank's part of the handoff is done before the manifest says so
         if self.strategy.is_rank0:
@@ -269,7 +276,8 @@ class Checkpointer:
                 **weights,
                 **extra,
             )
-            manifest.write(self.dir.manifest)
+            with written(self.dir.root, "manifest.json"):
+                manifest.write(self.dir.manifest)
         self.strategy.barrier()
         fault_point(self.stage, self.strategy.rank, "manifest")  # after the barrier: on every rank, the manifest is written
 

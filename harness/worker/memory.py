@@ -69,8 +69,11 @@ def watch_end(stage_dir: StageDir, rank: int) -> None:
 
 def record_exit() -> None:
     """'exit' in the watched stage's end file: the rank left it by itself (also called before
-    os._exit, which skips atexit)."""
-    os.write(_end_file, b"exit\n")
+    os._exit, which skips atexit). On a full disk it stays empty (the exit code says why)."""
+    try:
+        os.write(_end_file, b"exit\n")
+    except OSError:
+        pass
 
 
 def reset_peak() -> None:

@@ -19,7 +19,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import xxhash
 
 from harness.plan import BUILTIN_CONFIGS, ModelSpec
-from harness.records import FileCheck
+from harness.records import EmbeddingResize, FileCheck
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -92,6 +92,17 @@ def _seeded_from_config(config, seed: int) -> torch.nn.Module:
     model.initialize_weights()
     model.tie_weights()
     return model
+
+
+def resize_embeddings(model: torch.nn.Module, resize: EmbeddingResize | None, seed: int) -> None:
+    """Add the embedding (and output) rows the launch side decided (harness/stages/model_fit.py),
+    started as transformers' resize_token_embeddings(mean_resizing=True) does: drawn around the old
+    rows' mean with their covariance, from the stage's seed so every rank draws the same (under
+    ZeRO-3 transformers gathers and partitions them). A model that has the rows (a resume) is kept."""
+    if resize is None or model.get_input_embeddings().num_embeddings >= resize.rows_after:
+        return
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(resize.rows_after, mean_resizing=True)
 
 
 def parameter_storage(model: torch.nn.Module) -> dict[str, int]:

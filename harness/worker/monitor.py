@@ -30,10 +30,6 @@ from harness.records import RunDir, StageDir
 from harness.stages import Stage
 from harness.worker.metrics import NullMetrics
 
-# Dense bf16/fp16 tensor-core peak per GPU, for the MFU estimate (by device name).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
 class NullMonitor(NullMetrics):
     """No W&B: other ranks, mode disabled, or after a W&B failure."""
 
@@ -46,24 +42,19 @@ class NullMonitor(NullMetrics):
 class WandbMonitor(NullMonitor):
     """Forwards MetricsLog rows to one W&B run; stops quietly (one warning) if W&B fails."""
 
-    def __init__(self, wandb, run, stage: Stage, own_steps: bool, params: int | None):
+    def __init__(self, wandb, run, stage: Stage, own_steps: bool):
         self.wandb = wandb
         self.run = run
         self.run_id = run.id
         self.stage = stage
         self.own_steps = own_steps
         """False when the run is DeepSpeed's: it logs at step=global_samples, ours would be dropped."""
-        self.peak = _peak_flops(stage) if params else None
-        self.params = params
 
     def log(self, row: dict[str, Any]) -> None:
         """Log the numeric values of a row (strings like the stage name are in the config)."""
         if self.run is None or not self._wanted(row):
             return
         values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.peak and "train/tokens_per_s" in values:
-            # tokens/s is summed over all ranks: divide by the peak of all GPUs.
-            values["train/mfu"] = 6 * self.params * values["train/tokens_per_s"] / (self.peak * self.stage.world_size)
         self._guard(lambda: self.run.log(values, step=values["global_step"] if self.own_steps else None))
 
     def _wanted(self, row: dict[str, Any]) -> bool:
@@ -103,7 +94,7 @@ class WandbMonitor(NullMonitor):
             self.run = None
 
 
-def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None) -> NullMonitor:
+def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir) -> NullMonitor:
     """The stage's W&B monitor (rank 0 only), or a NullMonitor when W&B is off or fails.
 
     DeepSpeed's own monitors, in the stage's `deepspeed:` block (DeepSpeed 0.19.8,
@@ -128,7 +119,6 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
 
         ds_config = json.loads(stage_dir.ds_config.read_text())
         config = run_config(stage, ds_config)
-        params = _count_params(model) if model is not None and stage.accelerator == "cuda" else None
         if ds_config.get("wandb", {}).get("enabled"):
             run = wandb.run
             if run is None:
@@ -159,7 +149,7 @@ def start_monitor(stage: Stage, run_dir: RunDir, stage_dir: StageDir, model=None
             own_steps = True
         run.define_metric("global_step")
         run.define_metric("*", step_metric="global_step")
-        return WandbMonitor(wandb, run, stage, own_steps, params)
+        return WandbMonitor(wandb, run, stage, own_steps)
     except Exception as error:  # ImportError, wandb's UsageError/CommError, OSError, ...
         warn(stage, error)
         return NullMonitor()
@@ -195,17 +185,3 @@ def warn(stage: Stage, error: BaseException) -> None:
     message = " | ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
     print(f"[harness] warning: W&B off for stage {stage.name}: {type(error).__name__}: {message}; training continues", flush=True)
 
-
-def _count_params(model) -> int:
-    # Under ZeRO-3 the module's parameters are partitioned; ds_numel is the full size.
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def _peak_flops(stage: Stage) -> float | None:
-    """Peak of one GPU for the stage's precision, when known (bf16/fp16 on listed GPUs)."""
-    if stage.accelerator != "cuda" or stage.precision == "fp32":
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name()
-    return next((peak for gpu, peak in PEAK_FLOPS.items() if gpu in name), None)

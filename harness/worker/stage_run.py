@@ -20,6 +20,7 @@ from harness.worker.batch_probe import batch_shape
 from harness.worker.data import TokenizedSet
 from harness.worker.evaluate import eval_metrics
 from harness.worker.fast import FastPath
+from harness.worker import heartbeat
 from harness.worker.handoff import Checkpointer, start_point, write_rank_file
 from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
@@ -80,6 +81,7 @@ class StageRun:
         stage_dir = StageDir(stage_file.parent)
         previous = StageDir(Path(spec.previous)) if spec.previous else None
 
+        heartbeat.enter(stage_dir)
         strategy = DeepSpeedStrategy(stage, json.loads(stage_dir.ds_config.read_text()))
         write_rank_file(stage_dir, strategy.rank)
         watch_end(stage_dir, strategy.rank)
@@ -120,13 +122,14 @@ class StageRun:
         with fast.eager():
             records = begin_objectives(strategy, sets, stage, checkpointer.start_weights_digest, resume.mode == "fresh", batch.micro_batch)
         regularizer = make_regularizer(s.regularization, strategy)
-        monitor = start_monitor(stage, RunDir(Path(spec.run_dir)), stage_dir, model) if strategy.is_rank0 else NullMonitor()
+        monitor = start_monitor(stage, RunDir(Path(spec.run_dir)), stage_dir) if strategy.is_rank0 else NullMonitor()
         metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
         return cls(stage, stage_dir, strategy, model, tokenizer, sets, batch, fast, checkpointer, progress, regularizer, records, monitor, metrics,
                    stop)
 
     def evaluate(self) -> dict[str, float]:
         """Every data set's held-out metrics (harness/worker/evaluate.py), run eagerly. Collective."""
+        heartbeat.doing("eval")
         with self.fast.eager():
             return eval_metrics(self.strategy, self.sets, self.stage.data.primary, self.tokenizer, self.stage.settings, self.batch.micro_batch)
 
@@ -134,7 +137,7 @@ class StageRun:
         """The checkpoint, the Hugging Face model and the manifest (harness/worker/handoff.py). Collective."""
         extra = {"engine_optimizer": type(self.strategy.base_optimizer).__name__, "wandb_run_id": self.monitor.run_id,
                  "regularization": self.regularizer.values(), "trainable": self.checkpointer.trainable_record(), "fast": self.fast.record(),
-                 "batch": self.batch, "memory": self.stage.memory, **self.records}
+                 "batch": self.batch, "memory": self.stage.memory, "embedding_resize": self.stage.embedding_resize, **self.records}
         self.checkpointer.save_handoff(self.progress, last_eval, self.model, self.tokenizer, extra)
         record_memory(self.dir, self.strategy.rank, "end", **self.strategy.device_memory())
         self.monitor.log_model(self.dir.model)

@@ -7,19 +7,21 @@ step, save a checkpoint and exit with PREEMPTED; a rerun resumes there.
 from __future__ import annotations
 
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from harness.records import Progress, StageDir
-from harness.records.exit_codes import PREEMPTED
+from harness.records.console import duration
+from harness.records.exit_codes import DISK_FULL, NONFINITE_LOSS, PREEMPTED
 from harness.worker.data import SampleStream, micro_batch_position, token_count
 from harness.worker.faults import fault_point
 from harness.worker.memory import record_exit, record_memory, reset_peak
 from harness.worker.objectives import RANK_OBJECTIVES
+from harness.worker.pace import Pace
 from harness.worker.stage_run import StageRun, StopRequest
+from harness.worker.stops import DiskFull, LossWatch, NonFiniteLoss
 from harness.worker.strategy import exit_launch, release_memory
 
 
@@ -36,6 +38,17 @@ class BarOutput:
 
     def flush(self) -> None:
         self.out.flush()
+
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+"""tqdm's own bar without its remaining time: the postfix has the stage's and the plan's ETA (harness/worker/pace.py)."""
+
+
+def bar_postfix(row: dict) -> str:
+    """'loss 2.345, lr 3.00e-03, 1520 tok/s, mfu 41.2%, eta 1m05s, plan 4m10s' of a step's row (tqdm puts ', ' before it)."""
+    mfu = f", mfu {row['train/mfu']:.1%}" if "train/mfu" in row else ""
+    return (f"loss {row['train/loss']:.3f}, lr {row['train/lr']:.2e}, {row['train/tokens_per_s']:.0f} tok/s{mfu}, "
+            f"eta {duration(row['train/eta_stage_s'])}, plan {duration(row['train/eta_plan_s'])}")
 
 
 def run_launch(stage_files: list[Path]) -> None:
@@ -64,6 +77,12 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
         if last_eval is None:
             return PREEMPTED
         run.hand_off(last_eval or run.evaluate())  # {}: resumed at its last step (the handoff was lost)
+    except NonFiniteLoss as stopped:
+        stopped.report(run.dir, run.strategy.is_rank0)
+        return NONFINITE_LOSS
+    except DiskFull as full:
+        full.report()
+        return DISK_FULL
     finally:
         run.close()
     return 0
@@ -77,15 +96,16 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
     micro_steps = grad_accum * strategy.world_size
     head = {"stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type}
     last_eval: dict[str, float] = {}
+    pace, losses = Pace(stage, run.model, strategy.device), LossWatch(s.nonfinite_steps, stage.steps)
     bar = tqdm(total=stage.steps, initial=progress.stage_step, desc=f"[harness] {stage.name}", disable=not strategy.is_rank0,
-               file=BarOutput(sys.stdout), dynamic_ncols=False, ncols=110, mininterval=1.0)
+               file=BarOutput(sys.stdout), dynamic_ncols=False, ncols=150, mininterval=1.0, bar_format=BAR_FORMAT)
     if s.eval_on_start and progress.stage_step == 0:
         run.metrics.log({**head, "global_step": progress.global_step, "stage_step": 0, **run.evaluate()})
     while progress.stage_step < stage.steps:
         step = progress.stage_step + 1
         source = stage.data.source_at(step)
         data, objective = run.sets[source], RANK_OBJECTIVES[source]
-        started = time.perf_counter()
+        pace.step_begins(step)
         first = progress.data_position.get(data.key, 0)
         loss_sum, tokens, metric_sums = 0.0, 0, {}
         for accum_index in range(grad_accum):
@@ -102,7 +122,6 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         reduced = strategy.all_reduce_sum([loss_sum, tokens, float(run.stop.asked), *metric_sums.values(), *run.regularizer.partial_sums()])
         loss_sum, tokens, stops = reduced[:3]
         metric_means = {key: value / micro_steps for key, value in zip(metric_sums, reduced[3:])}
-        elapsed = time.perf_counter() - started
 
         progress.stage_step = step
         progress.samples_seen += stage.global_batch
@@ -114,8 +133,7 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
             "train/loss": loss_sum / micro_steps,
             "train/lr": lr,
             "train/grad_norm": strategy.grad_norm(),
-            "train/tokens_per_s": tokens / elapsed,
-            "train/samples_per_s": stage.global_batch / elapsed,
+            **pace.step_ends(step, tokens),
             **metric_means,
             **run.regularizer.metrics(reduced[3 + len(metric_sums):]),
         }
@@ -124,13 +142,15 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
             row.update(last_eval)
         if step % s.log_every == 0 or step == stage.steps or "eval/loss" in row:
             run.metrics.log(row)
-        bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{row['train/tokens_per_s']:.0f}", refresh=False)
+        bar.set_postfix_str(bar_postfix(row), refresh=False)
         bar.update(1)
+        losses.update(step, row["train/loss"])  # no checkpoint below of a state whose loss was not finite
         if stops > 0:
-            run.checkpointer.save(progress)
+            if losses.finite:
+                run.checkpointer.save(progress)
             bar.close()
             return None
-        if step % s.checkpoint_every == 0 and step < stage.steps:
+        if step % s.checkpoint_every == 0 and step < stage.steps and losses.finite:
             run.checkpointer.save(progress)
             record_memory(run.dir, strategy.rank, f"checkpoint step{step}")
     bar.close()

@@ -16,6 +16,7 @@ from harness.objectives import OBJECTIVES
 from harness.records.token_store import StoreRequest
 from harness.stages import Stage
 from harness.worker.data import TokenizedSet, open_set
+from harness.worker.model import resize_embeddings
 from harness.worker.objectives.base import RankObjective
 from harness.worker.objectives.finetune import FinetuneRank
 from harness.worker.objectives.preference import PreferenceRank
@@ -28,7 +29,9 @@ if set(RANK_OBJECTIVES) != set(OBJECTIVES):
 
 
 def prepare_model(model: torch.nn.Module, tokenizer, stage: Stage) -> None:
-    """Fit the model and tokenizer to every data set the stage reads (its objectives' prepare)."""
+    """Fit the model to its tokenizer (the embedding rows the launch side decided to add), then the
+    model and tokenizer to every data set the stage reads (its objectives' prepare)."""
+    resize_embeddings(model, stage.embedding_resize, stage.settings.seed)
     for kind, spec in stage.data.sets.items():
         RANK_OBJECTIVES[kind].prepare(model, tokenizer, stage, spec)
 

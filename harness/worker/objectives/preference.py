@@ -38,6 +38,7 @@ from harness.plan import DataSpec, PreferenceSpec, TrainSettings
 from harness.records import ReferenceRecord
 from harness.records.token_store import reference_file
 from harness.stages import Stage
+from harness.worker import heartbeat
 from harness.worker.data import IGNORE_INDEX, TokenizedSet, TokenStore, eval_batches
 from harness.worker.objectives.base import RankObjective
 from harness.worker.objectives.finetune import FinetuneSamples, task_scores
@@ -192,6 +193,7 @@ def reference_logps(strategy: DeepSpeedStrategy, samples: PreferenceSamples, mic
     """Every pair's summed log-probabilities [pairs, 2] under the engine's weights. Each rank takes a
     contiguous share and runs as many forwards as the largest share needs (ZeRO-3 forwards are
     collective), a shorter share's last ones on a filler batch; the shares are gathered on every rank."""
+    heartbeat.doing("reference pass")
     shares = np.array_split(np.arange(samples.count), strategy.world_size)
     mine, batches = shares[strategy.rank], -(-len(shares[0]) // micro)
     strategy.module.eval()
