@@ -58,7 +58,7 @@ def test_batches_from_the_store_equal_the_batches_before_stores(tmp_path):
         req = request(kind, DataSpec(files=[str(source)]), tmp_path)
         build(req)
         data = open_data(req, frozen["seq_len"], 1234, byte_tokenizer().pad_token_id)
-        stream = SampleStream(data, 1234)
+        stream = SampleStream(data)
         assert (data.n_train, len(data.eval["input_ids"])) == (frozen["n_train"], frozen["n_eval"])
         first = stream.batch(0, 8)
         assert batch_digest(first) == frozen["batch0"], kind

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from harness.records.checkpoints import MANIFEST_FORMAT, LoadRecord, ResumeRecord
+from harness.records.checkpoints import MANIFEST_FORMAT, SAMPLE_ORDER_CHANGE, LoadRecord, ResumeRecord
 from harness.records.engine import EngineIdentity
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files
 from harness.records.layout import StageDir
@@ -87,7 +87,7 @@ class BatchRecord(Record):
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
-    format: Literal[4] = MANIFEST_FORMAT
+    format: Literal[5] = MANIFEST_FORMAT
     stage: str
     index: int
     phase: str
@@ -148,11 +148,12 @@ def is_done(stage_dir: StageDir) -> bool:
 
 def older_format(stage_dir: StageDir) -> str | None:
     """The file of a stage folder that an older harness wrote (a manifest of another format, or a
-    checkpoint marker that holds only progress), if any: its stage must not be rerun over it."""
+    checkpoint marker that holds only progress), with why it matters, if any: its stage must not be
+    rerun over it, nor its data position continued."""
     try:
         manifest = json.loads(stage_dir.manifest.read_text())
         if isinstance(manifest, dict) and manifest.get("format") not in (None, MANIFEST_FORMAT):
-            return f"{stage_dir.manifest} (format {manifest.get('format')})"
+            return f"{stage_dir.manifest} (format {manifest.get('format')}{_why(manifest.get('format'))})"
     except (OSError, ValueError):
         pass
     for marker in stage_dir.checkpoints.glob("step*/complete"):
@@ -163,5 +164,9 @@ def older_format(stage_dir: StageDir) -> str | None:
         if isinstance(record, dict) and "stage_step" in record and "engine" not in record:
             return f"{marker} (progress only)"
         if isinstance(record, dict) and record.get("format") != MANIFEST_FORMAT:
-            return f"{marker} (format {record.get('format', 2)})"
+            return f"{marker} (format {record.get('format', 2)}{_why(record.get('format', 2))})"
     return None
+
+
+def _why(found_format) -> str:
+    return f": {SAMPLE_ORDER_CHANGE}" if found_format == 4 else ""

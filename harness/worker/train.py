@@ -71,7 +71,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
 def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
     """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
     stage, strategy, s = run.stage, run.strategy, run.stage.settings
-    streams = {kind: SampleStream(data, s.seed) for kind, data in run.sets.items()}
+    streams = {kind: SampleStream(data) for kind, data in run.sets.items()}
     micro, grad_accum = run.batch.micro_batch, run.batch.grad_accum
     micro_steps = grad_accum * strategy.world_size
     head = {"stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type}
