@@ -21,12 +21,14 @@ def cmd_plan(args) -> int:
     """Validate, resolve, write each stage's DeepSpeed config and launcher command; launch nothing."""
     from harness.launch.setup import prepare, write_setup
     from harness.stages import launch_name
+    from harness.views.mixtures import print_mixtures
     from harness.views.tables import print_stages, print_stores
 
     setup = prepare(args.plan, args.out, force=args.force)
     launches = write_setup(setup)
     print_stages(setup, [group for group, _ in launches])
     print_stores(setup.stages, setup.plan.cache_dir)
+    print_mixtures(setup.stages)
     for group, argv in launches:
         print(f"\n# {launch_name(group)}\n{' '.join(argv)}")
     print(f"\nwrote {setup.run.phases}/*/stage.json and ds_config.json (each launch takes the first free port from the one "
@@ -38,10 +40,13 @@ def cmd_run(args) -> int:
     """Run every unfinished stage; a rerun skips done stages and resumes an interrupted one."""
     from harness.launch.orchestrator import run_stages
     from harness.launch.setup import prepare
+    from harness.views.mixtures import mixture_warnings
 
     setup = prepare(args.plan, args.out, force=args.force)
     if setup.plan.cluster.launcher == "slurm" and "SLURM_JOB_NODELIST" not in os.environ:
         raise PlanError([("cluster.launcher", "slurm", "runs inside a SLURM allocation: use `harness submit`, or run under salloc/sbatch")])
+    for line in mixture_warnings(setup.unfinished()):
+        print(f"[harness] {line}")
     run_stages(setup, only=args.only, verbose=args.verbose)
     return 0
 

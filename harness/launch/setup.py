@@ -55,9 +55,10 @@ def detect_accelerator(choice: str) -> str:
 
 
 def count_train_rows(spec: DataSpec) -> int:
-    """Rows of a fine-tune data set that are trained on (all rows minus the eval hold-out)."""
-    rows = objectives.count_rows(spec)
-    return rows - eval_size(rows, spec)
+    """Rows of a fine-tune data set that are trained on (all rows minus the eval hold-out; of a
+    mixture, of every source)."""
+    rows = [(objectives.count_rows(one), one) for one, _ in spec.weighted_sets()]
+    return sum(n - eval_size(n, one) for n, one in rows)
 
 
 def model_config(model: ModelSpec) -> dict[str, Any]:

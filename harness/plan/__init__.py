@@ -13,7 +13,7 @@ imports nothing else of the harness, and never torch.
 """
 from harness.plan.checks import FileProblem, expand_files
 from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
-from harness.plan.data import DataSpec, MixSpec, MultistepData
+from harness.plan.data import MIX_CYCLE, DataSource, DataSpec, MixSpec, MultistepData
 from harness.plan.errors import PlanError, Problem
 from harness.plan.fields import NAME_PATTERN, Strict, is_secret
 from harness.plan.load import default_cache_dir, load_plan, parse_plan
@@ -25,7 +25,7 @@ from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, LAYER_RANGE, Fast
 
 __all__ = [
     "BUILTIN_CONFIGS", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
-    "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
+    "DataSource", "FastParts", "FileProblem", "MIX_CYCLE", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
     "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",
 ]

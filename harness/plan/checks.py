@@ -47,7 +47,7 @@ def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProb
         if len(given) != 1:
             problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
     for where, kind, spec in _data_specs(phase):
-        for k, pattern in enumerate(spec.files):
+        for k, pattern in enumerate(spec.files):  # a mixture's sources each come as a data set of their own
             files = expand_files([pattern], base_dir)
             if not files:
                 problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
@@ -59,10 +59,14 @@ def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProb
 
 
 def _data_specs(phase: PhaseSpec) -> list[tuple[str, str, DataSpec]]:
-    """(field path in the phase, kind of rows, data set) of each data set of a phase."""
+    """(field path in the phase, kind of rows, data set) of each data set of a phase; a mixture's
+    sources one by one ('data.sources[1]')."""
     if isinstance(phase.data, MultistepData):
-        return [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
-    return [("data", phase.kind, phase.data)]
+        sides = [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
+    else:
+        sides = [("data", phase.kind, phase.data)]
+    return [(f"{where}.sources[{k}]" if spec.sources else where, kind, one)
+            for where, kind, spec in sides for k, (one, _) in enumerate(spec.weighted_sets())]
 
 
 def expand_files(patterns: list[str], base_dir: Path) -> list[str]:

@@ -84,6 +84,19 @@ class BatchRecord(Record):
     probe_seconds: float | None = None
 
 
+class SourceDraw(Record):
+    """What one source of a weighted mixture gave a stage (manifest data_mix)."""
+
+    inputs: list[str]
+    quota: int
+    """Its samples in every cycle of the mixture (harness/stages/mixture.py)."""
+    samples: int
+    tokens: int
+    """Tokens of the samples drawn in this stage (rows as cut to seq_len)."""
+    epochs: float
+    """Epochs of the source drawn in all by the stage's end: over 1, it was repeated (up-sampled)."""
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -124,6 +137,8 @@ class Manifest(Record):
     """The fast path as it ran (None: a manifest written without one)."""
     batch: BatchRecord | None = None
     """The micro batch and accumulation steps the stage trained with (None: written without one)."""
+    data_mix: dict[str, list[SourceDraw]] = {}
+    """Per data set that is a weighted mixture (by objective kind): what each source gave, in source order."""
 
 
 

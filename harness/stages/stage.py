@@ -11,6 +11,7 @@ from harness.objectives import OBJECTIVES
 from harness.plan import ClusterSpec, DataSpec, MixSpec, ModelSpec, SlurmSpec, Strict, TrainSettings, WandbSpec
 from harness.records import EngineIdentity, Record, ResumePoint, StartDecision
 from harness.stages.fast import FastChoice
+from harness.stages.mixture import MixPlan, mix_plan
 from harness.stages.trainable import TrainableSet
 
 
@@ -23,6 +24,13 @@ class StageData(Strict):
     source: str
     """The objective kind every step draws from, or 'mix' (multistep: `mix` decides per step)."""
     mix: Literal["alternate"] | MixSpec = "alternate"
+    mixes: dict[str, MixPlan] = {}
+    """The sets that are weighted mixtures (data.sources): how their sources are drawn (harness/stages/mixture.py)."""
+
+    @classmethod
+    def of(cls, sets: dict[str, DataSpec], source: str, mix: Literal["alternate"] | MixSpec = "alternate") -> StageData:
+        """The stage data of these sets, with the mix of each that is a mixture."""
+        return cls(sets=sets, source=source, mix=mix, mixes={kind: plan for kind, spec in sets.items() if (plan := mix_plan(spec))})
 
     @property
     def packs_rows(self) -> bool:

@@ -29,7 +29,7 @@ from harness.worker.order import EpochOrder
 
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
 # DataSpec fields that change neither which rows a data position holds nor their order.
-LAYOUT_FIELDS = {"packing"}
+LAYOUT_FIELDS = {"packing", "exhausted"}
 # DataSpec fields that came with the row shapes: a data stream's key counts them only when set.
 ROW_SHAPE_FIELDS = {"rows", "instruction_field", "input_field", "output_field", "system_field", "history_field", "messages_field"}
 
@@ -81,6 +81,10 @@ class TokenStore:
         begin, end = self._read(self._offsets, r, 2)
         return self.span(int(begin), int(end - begin))
 
+    def row_length(self, r: int) -> int:
+        begin, end = self._read(self._offsets, r, 2)
+        return int(end - begin)
+
     def row_with_mask(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """A row's tokens and their loss mask (0 none, 1 response, 2 end of a response)."""
         begin, end = (int(x) for x in self._read(self._offsets, r, 2))
@@ -107,6 +111,10 @@ class SampleOrder(Protocol):
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The sample indices at these stream positions."""
+
+    def exhausted_by(self, end: int) -> str | None:
+        """What would run out of unseen samples before position `end`, when the data set then stops
+        (a mixture with data.exhausted: stop); None: the stream goes on."""
 
 
 class LaysOutSamples(Protocol):
@@ -135,7 +143,8 @@ class TokenizedSet:
 
 def dataset_key(spec: DataSpec, kind: str, seq_len: int, seed: int) -> str:
     """Identity of a data stream: the same key means a later stage continues its position."""
-    unset = {name for name in ROW_SHAPE_FIELDS if getattr(spec, name) == DataSpec.model_fields[name].default}  # keys as before row shapes
+    # Keys as before row shapes and mixtures: those fields count only when set.
+    unset = {name for name in ROW_SHAPE_FIELDS | {"sources"} if getattr(spec, name) == DataSpec.model_fields[name].default}
     text = json.dumps([spec.model_dump(mode="json", exclude=LAYOUT_FIELDS | unset), kind, seq_len, seed], sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 

@@ -80,6 +80,10 @@ class EpochOrder:
             out[chosen] = self._split(self._epoch_order(int(epoch))(offsets[chosen]))
         return out
 
+    def exhausted_by(self, end: int) -> None:
+        """A single data set never stops: it starts another epoch (data.exhausted is for mixtures)."""
+        return None
+
     def _epoch_order(self, epoch: int) -> Permutation:
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, Permutation(self.n_train, key_of(self.seed, self.stream, "epoch", epoch)))

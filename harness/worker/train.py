@@ -86,6 +86,13 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         data, objective = run.sets[source], RANK_OBJECTIVES[source]
         started = time.perf_counter()
         first = progress.data_position.get(data.key, 0)
+        ran_out = data.order.exhausted_by(first + stage.global_batch)
+        if ran_out:  # a mixture with data.exhausted: stop
+            if strategy.is_rank0:
+                print(f"[harness] {stage.name}: {ran_out} has no unseen samples left for step {step} (data.exhausted: stop); the stage ends",
+                      flush=True)
+            bar.close()
+            return {}
         loss_sum, tokens, metric_sums = 0.0, 0, {}
         for accum_index in range(grad_accum):
             position = micro_batch_position(first, micro, accum_index, strategy.rank, strategy.world_size)
