@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import harness, make_plan, manifests, metric_rows, write_plan
+from conftest import FINETUNE_JSONL, harness, make_plan, manifests, metric_rows, write_plan
 from harness.cli import main
 from harness.records import StageDir
 from harness.records.token_store import StoreMeta
@@ -122,3 +122,24 @@ def test_bad_mixtures_are_refused_naming_each_field(tmp_path, capsys):
     assert "phases[0].data.sources[1].files[0]" in refused and "missing.txt" in refused
     assert "phases[1].data" in refused and "exhausted applies to a mixture (sources)" in refused
     assert not (tmp_path / "run").exists()
+
+
+def test_each_side_of_a_multistep_phase_may_be_a_mixture(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text\n\n" * 400)
+    (tmp_path / "b.txt").write_text("0123456789\n\n" * 40)
+    sources = [{"files": ["a.txt"], "weight": 3}, {"files": ["b.txt"], "weight": 1}]
+    multistep = {"name": "m", "kind": "multistep", "cycles": 1, "stages": [{"steps": 4}],
+                 "data": {"pretrain": {"sources": sources}, "finetune": {"files": [str(FINETUNE_JSONL)]}}}
+    plan = write_plan(tmp_path, make_plan("sides", [multistep], port=30360, defaults={"seq_len": 32, "global_batch": 8}))
+    assert main(["plan", str(plan), "--out", str(tmp_path / "run")]) == 0
+    shown = capsys.readouterr().out
+    assert "data mixtures" in shown and "a.txt" in shown and "b.txt" in shown
+    (stage_json,) = (tmp_path / "run" / "phases").glob("*/stage.json")
+    assert StageFile.read(stage_json).stage.data.mixes["pretrain"].quotas == [7500, 2500]
+
+    sources[1]["weight"] = 0
+    plan = write_plan(tmp_path, make_plan("sides", [multistep], port=30360))
+    assert main(["plan", str(plan), "--out", str(tmp_path / "run2")]) == 2
+    refused = capsys.readouterr().err
+    assert "phases[0].data.pretrain.sources[1].weight" in refused and "greater than 0" in refused
+    assert not (tmp_path / "run2").exists()
