@@ -67,6 +67,10 @@ def test_two_sources_are_drawn_in_their_weights_within_one_percent(mixed):
     (mix,) = [m for m in manifests(out) if m["stage"] == "mix"]
     letters_draw, digits_draw = mix["data_mix"]["pretrain"]
     assert (letters_draw["samples"], digits_draw["samples"]) == (128, 32) and letters_draw["tokens"] == 128 * SEQ
+    rows = metric_rows(out / "phases" / "00-mix")
+    counted = [sum(row[f"data/pretrain_source{k}_tokens"] for row in rows) for k in (0, 1)]
+    assert counted == [letters_draw["tokens"], digits_draw["tokens"]], "the ranks' batches held what the manifest records"
+    assert abs(counted[0] / sum(counted) - 0.8) < 0.01
 
 
 def test_a_source_that_runs_out_repeats_recorded_and_warned_about_at_plan_time(mixed):

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -135,6 +135,9 @@ class TokenizedSet:
     eval_indices: np.ndarray
     eval: dict[str, np.ndarray]
     """The held-out samples, in memory (at most eval_max_samples)."""
+    take_drawn: Callable[[], list[int]] = list
+    """A mixture's: tokens each source gave this rank's training batches since the last call
+    (harness/worker/mixture.py); one data set: []."""
 
     @property
     def n_train(self) -> int:

@@ -18,35 +18,49 @@ from harness.worker.data import LaysOutSamples, Samples, TokenizedSet, TokenStor
 
 
 class MixedSamples:
-    """The samples of several sources, source k's numbered from offsets[k]."""
+    """The samples of several sources, source k's numbered from offsets[k]. Counts the tokens each
+    source gives the training batches (drawn), for the stage's metrics."""
 
     def __init__(self, parts: list[Samples]):
         self.parts = parts
         self.offsets = np.cumsum([0] + [part.count for part in parts])
         self.count = int(self.offsets[-1])
+        self.drawn = np.zeros(len(parts), dtype=np.int64)
 
-    def _by_source(self, indices: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+    def _by_source(self, indices: np.ndarray, layout: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The layout of these samples, each from its source, and the real tokens each source gave."""
         indices = np.asarray(indices, dtype=np.int64)
         sources = np.searchsorted(self.offsets, indices, side="right") - 1
-        taken = [(np.flatnonzero(sources == k), getattr(self.parts[k], layout)(indices[sources == k] - self.offsets[k]))
+        taken = [(k, np.flatnonzero(sources == k), getattr(self.parts[k], layout)(indices[sources == k] - self.offsets[k]))
                  for k in np.unique(sources)]
+        tokens = np.zeros(len(self.parts), dtype=np.int64)
+        for k, _, arrays in taken:
+            mask = arrays.get("attention_mask")  # as token_count: padding does not count
+            tokens[k] = int(mask.sum()) if mask is not None else arrays["input_ids"].size
         if len(taken) == 1:
-            return taken[0][1]
-        at = np.concatenate([where for where, _ in taken])
+            return taken[0][2], tokens
+        at = np.concatenate([where for _, where, _ in taken])
         merged = {}
-        for key in taken[0][1]:
-            values = [arrays[key] for _, arrays in taken]
-            if all(len(v) == len(w) and v.shape[1:] == values[0].shape[1:] for v, (w, _) in zip(values, taken)):
+        for key in taken[0][2]:
+            values = [arrays[key] for _, _, arrays in taken]
+            if all(len(v) == len(w) and v.shape[1:] == values[0].shape[1:] for v, (_, w, _) in zip(values, taken)):
                 merged[key] = np.concatenate(values)[np.argsort(at, kind="stable")]  # a row per sample: in the order asked
             else:  # packed rows, one sequence per batch (shape 1 x tokens): end to end, source by source
                 merged[key] = np.concatenate(values, axis=-1)
-        return merged
+        return merged, tokens
 
     def arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self._by_source(indices, "arrays")
+        merged, tokens = self._by_source(indices, "arrays")
+        self.drawn += tokens
+        return merged
 
     def eval_arrays(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self._by_source(indices, "eval_arrays")
+        return self._by_source(indices, "eval_arrays")[0]
+
+    def take_drawn(self) -> list[int]:
+        """Tokens each source gave this rank's training batches since the last call."""
+        drawn, self.drawn = self.drawn.tolist(), np.zeros_like(self.drawn)
+        return drawn
 
     def pair(self, index: int) -> tuple[list[int], list[int]]:
         """Fine-tune generation: (prompt ids, response ids) of a held-out row."""
@@ -91,7 +105,8 @@ def open_mixture(kind: str, spec: DataSpec, requests: list[StoreRequest], plan: 
     turns = sorted(((j, k) for k, indices in enumerate(held_out) for j in range(len(indices))))
     eval_indices = np.array([held_out[k][j] for j, k in turns], dtype=np.int64)
     order = MixedOrder(parts, plan, samples.offsets)
-    return TokenizedSet(dataset_key(spec, kind, seq_len, seed), kind, samples, order, eval_indices, samples.eval_arrays(eval_indices))
+    return TokenizedSet(dataset_key(spec, kind, seq_len, seed), kind, samples, order, eval_indices, samples.eval_arrays(eval_indices),
+                        take_drawn=samples.take_drawn)
 
 
 def realised_mix(stage: Stage, sets: dict[str, TokenizedSet], requests: dict[str, list[StoreRequest]], progress: Progress) -> dict[str, list[SourceDraw]]:

@@ -104,10 +104,14 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         run.regularizer.apply_to_gradients()
         lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
         strategy.optimizer_step()
-        # One all-reduce per step: loss, tokens, stop requests, the objective's metrics and the penalties.
-        reduced = strategy.all_reduce_sum([loss_sum, tokens, float(run.stop.asked), *metric_sums.values(), *run.regularizer.partial_sums()])
+        # One all-reduce per step: loss, tokens, stop requests, the objective's metrics, the penalties
+        # and, from a mixture, the tokens each source gave.
+        penalties, drawn = run.regularizer.partial_sums(), data.take_drawn()
+        reduced = strategy.all_reduce_sum([loss_sum, tokens, float(run.stop.asked), *metric_sums.values(), *penalties, *drawn])
         loss_sum, tokens, stops = reduced[:3]
         metric_means = {key: value / micro_steps for key, value in zip(metric_sums, reduced[3:])}
+        rest = reduced[3 + len(metric_sums):]
+        penalty_sums, drawn = rest[:len(penalties)], rest[len(penalties):]
         elapsed = time.perf_counter() - started
 
         progress.stage_step = step
@@ -123,7 +127,8 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
             "train/tokens_per_s": tokens / elapsed,
             "train/samples_per_s": stage.global_batch / elapsed,
             **metric_means,
-            **run.regularizer.metrics(reduced[3 + len(metric_sums):]),
+            **run.regularizer.metrics(penalty_sums),
+            **{f"data/{source}_source{k}_tokens": int(n) for k, n in enumerate(drawn)},
         }
         if step % s.eval_every == 0 or step == stage.steps:
             last_eval = run.evaluate()
