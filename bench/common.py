@@ -41,6 +41,10 @@ from harness.stages import StageFile  # noqa: E402
 
 # ~370M-parameter Llama shape for GPU runs (random init, written once under bench/out).
 LLAMA_370M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816, vocab_size=32000)
+# The same shape with the byte vocabulary: 308,861,952 parameters (CPU memory benchmarks).
+LLAMA_309M = dict(LLAMA_370M, vocab_size=259, tie_word_embeddings=False)
+# ~61M parameters, half of them the 32000-token embedding and head: the logits weigh in.
+LLAMA_61M = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1664, vocab_size=32000, tie_word_embeddings=False)
 
 
 # ---- model and plan ---------------------------------------------------------------------

@@ -27,12 +27,11 @@ from common import PRETRAIN_TEXT, Poller, RunDir, run_harness, table
 
 import yaml
 
-LLAMA_309M = dict(common.LLAMA_370M, vocab_size=259, tie_word_embeddings=False)  # byte vocabulary: 309M parameters
 GB = 1e9
 
 
 def llama_309m_folder() -> Path:
-    return common.random_llama_folder("llama-309m", LLAMA_309M)
+    return common.random_llama_folder("llama-309m", common.LLAMA_309M)
 
 
 def write_plan(folder: Path, world: int, steps: int, port: int, deepspeed: dict) -> Path:
@@ -111,7 +110,7 @@ def main() -> None:
             shutil.rmtree(big, ignore_errors=True)
 
     print(table(["version", "world", "rank", "peak GB", "baseline GB", "target GB", "peak/target"], rows))
-    print(f"saved {common.save_results(f'scale_model-{args.label}', {'label': args.label, 'model': LLAMA_309M, 'steps': args.steps, 'worlds': results})}")
+    print(f"saved {common.save_results(f'scale_model-{args.label}', {'label': args.label, 'model': common.LLAMA_309M, 'steps': args.steps, 'worlds': results})}")
 
 
 def _param_count(folder: Path) -> int:

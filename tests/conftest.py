@@ -1,6 +1,8 @@
 """Shared test setup: real DeepSpeed on CPU ranks, one JIT cache per machine, plan writing helpers."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -62,6 +64,21 @@ def harness(*args: str, timeout: float = 600, check: bool = False, env: dict | N
     return result
 
 
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the `harness` command line in this process (its `main`, as the console script calls it):
+    for commands that launch nothing (refusals, `plan`), it saves starting an interpreter each time.
+    An exception that escapes main fails the test, as a traceback would fail a user."""
+    from harness.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    result = subprocess.CompletedProcess(["harness", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"harness {' '.join(map(str, args))} exited {code}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
 def manifests(out: Path) -> list[dict]:
     return [json.loads((d / "manifest.json").read_text()) for d in sorted((out / "phases").iterdir())]
 
@@ -73,3 +90,10 @@ def metric_rows(stage_dir: Path) -> list[dict]:
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that uses the local SLURM cluster / sshd (tests/cluster.py) is marked `cluster`."""
+    for item in items:
+        if "local_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)

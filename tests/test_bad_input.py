@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PRETRAIN_TEXT, REPO, harness, make_plan, pretrain_phase, write_plan
+from conftest import PRETRAIN_TEXT, REPO, cli, make_plan, pretrain_phase, write_plan
 from test_ds_config import LLAMA_FACTORY_Z3, leaves
 from test_plan_errors import good_plan, multistep_phase, with_change
 
@@ -27,7 +27,7 @@ def refused(tmp_path: Path, plan: dict, *expected: str, command: str = "plan", o
     was not created (or, if it existed, not changed). Returns stderr."""
     out = out or tmp_path / "run"
     before = sorted(out.rglob("*")) if out.is_dir() else out.exists()
-    result = harness(command, write_plan(tmp_path, plan), "--out", out)
+    result = cli(command, write_plan(tmp_path, plan), "--out", out)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     for text in expected:
         assert text in result.stderr, result.stderr
@@ -150,7 +150,7 @@ def test_a_pasted_llama_factory_z3_config_works_with_auto_filled_from_the_plan(t
     plan = make_plan("pasted", [pretrain_phase("pre", deepspeed="ds/ds_z3_config.json"),
                                 multistep_phase("m", [{"steps": 2, "deepspeed": "ds/ds_z3_config.json"}, {"steps": 2}])], port=29500)
     out = tmp_path / "run"
-    result = harness("plan", write_plan(tmp_path, plan), "--out", out)
+    result = cli("plan", write_plan(tmp_path, plan), "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage, zero_stage in (("00-pre", 3), ("01-m.c1.s1-adamw", 3), ("02-m.c1.s2-adamw", 2)):
         config = json.loads((out / "phases" / stage / "ds_config.json").read_text())

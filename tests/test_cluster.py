@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cluster import job_field, local_cluster, sbatch, scancel, wait_job  # noqa: F401  (fixture)
-from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from conftest import DATA, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 from test_multistep import alive
 from test_resume import wait_for
 
@@ -27,8 +27,17 @@ def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts
     return plan
 
 
-def two_stages() -> list[dict]:
-    return [pretrain_phase("pre", steps=4, zero_stage=2), finetune_phase("sft", steps=4, zero_stage=3)]
+def three_stages() -> list[dict]:
+    """pre, sft, then dpo: the dpo ranks, on two nodes, share its reference pass and gather it."""
+    dpo = {"name": "dpo", "kind": "preference", "data": {"files": [str(DATA / "cipher_pairs.jsonl")]}, "steps": 3, "zero_stage": 3,
+           "seq_len": 24, "task_metrics": []}
+    return [pretrain_phase("pre", steps=4, zero_stage=2), finetune_phase("sft", steps=4, zero_stage=3), dpo]
+
+
+def check_dpo(sft: dict, dpo: dict) -> None:
+    """The dpo stage computed its reference (its plan has a token cache of its own) from the sft handoff."""
+    assert dpo["start_weights_digest"] == sft["weights_digest"] and dpo["global_step_end"] == 11
+    assert (dpo["reference"]["pairs"], dpo["reference"]["reused"]) == (400, False) and "eval/rewards/accuracies" in dpo["eval"]
 
 
 def submitted_jobs(out: Path) -> list[str]:
@@ -40,11 +49,13 @@ def rank_records(stage_dir: Path) -> list[dict]:
 
 
 def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
-    plan = two_node_plan("pdsh", "pdsh", 29710, two_stages(), local_cluster.hosts)
+    plan = two_node_plan("pdsh", "pdsh", 29710, three_stages(), local_cluster.hosts)
+    plan["cache_dir"] = str(tmp_path / "cache")
     out = tmp_path / "run"
     harness("run", write_plan(tmp_path, plan), "--out", out, check=True, env=local_cluster.env())
-    pre, sft = manifests(out)
+    pre, sft, dpo = manifests(out)
     assert sft["start_weights_digest"] == pre["weights_digest"] and sft["global_step_end"] == 8
+    check_dpo(sft, dpo)
     for stage_dir in sorted((out / "phases").iterdir()):
         ranks = rank_records(stage_dir)
         assert [(r["rank"], r["node_rank"], r["address"]) for r in ranks] == [(0, 0, "127.0.0.1"), (1, 1, "127.0.0.2")]
@@ -54,20 +65,23 @@ def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
 
 def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_path):
     env = local_cluster.env()
-    plan = two_node_plan("chain", "slurm", 29720, two_stages(), local_cluster.hosts, transitions="relaunch")
+    plan = two_node_plan("chain", "slurm", 29720, three_stages(), local_cluster.hosts, transitions="relaunch")
+    plan["cache_dir"] = str(tmp_path / "cache")
     out = tmp_path / "run"
     harness("submit", write_plan(tmp_path, plan), "--out", out, check=True, env=env)
-    first, second = submitted_jobs(out)
+    first, second, third = submitted_jobs(out)
     assert job_field(second, "Dependency", env=env).startswith(f"afterok:{first}")
-    assert wait_job(first, 240, env=env) == "COMPLETED"
-    assert wait_job(second, 240, env=env) == "COMPLETED"
+    assert job_field(third, "Dependency", env=env).startswith(f"afterok:{second}")
+    for job in (first, second, third):
+        assert wait_job(job, 240, env=env) == "COMPLETED"
     assert job_field(second, "StartTime", env=env) >= job_field(first, "EndTime", env=env)
-    pre, sft = manifests(out)
+    pre, sft, dpo = manifests(out)
     assert sft["start_weights_digest"] == pre["weights_digest"]
+    check_dpo(sft, dpo)
     for stage_dir in sorted((out / "phases").iterdir()):
         assert [r["slurm_node"] for r in rank_records(stage_dir)] == ["n1", "n2"]
     status = harness("status", out, check=True, env=env).stdout
-    assert status.count("COMPLETED") == 2 and status.count("done") == 2
+    assert status.count("COMPLETED") == 3 and status.count("done") == 3
 
 
 def test_preempted_stage_checkpoints_requeues_and_resumes(local_cluster, tmp_path):

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import harness, make_plan, metric_rows, pretrain_phase, write_plan
+from conftest import cli, harness, make_plan, metric_rows, pretrain_phase, write_plan
 from harness.records import StageDir
 from harness.records import CheckpointRecord, Manifest
 from harness.stages import StageFile
+
+pytestmark = pytest.mark.slow  # several DeepSpeed launches per test: left out of the developer loop
 
 STEPS, GLOBAL_BATCH = 10, 8
 
@@ -55,9 +57,26 @@ def assert_steps_once_and_data_continued(stage: StageDir, manifest: Manifest) ->
     assert list(manifest.data_position.values()) == [STEPS * GLOBAL_BATCH], "the data position continued from step 6"
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One interrupted ZeRO-2 run on 2 ranks (tags step3 and step6), which every test that starts
+    from that state copies instead of running it again."""
+    return interrupted(tmp_path_factory.mktemp("killed"), 29980, 2, zero_stage=2)
+
+
+def copy_of(killed: tuple[Path, Path, dict], tmp_path: Path) -> tuple[Path, Path, dict]:
+    """(plan, run folder, plan as data) of a fresh copy of the shared interrupted run."""
+    plan_path, source, plan = killed
+    shutil.copytree(source, tmp_path / "run")
+    return plan_path, tmp_path / "run", json.loads(json.dumps(plan))
+
+
 @pytest.mark.parametrize("zero, before, after", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
-def test_resume_at_another_world_size_reshards_the_checkpoint(tmp_path: Path, zero: int, before: int, after: int):
-    _, out, plan = interrupted(tmp_path, 29900 + 10 * zero + before, before, zero_stage=zero)
+def test_resume_at_another_world_size_reshards_the_checkpoint(killed, tmp_path: Path, zero: int, before: int, after: int):
+    if (zero, before) == (2, 2):
+        _, out, plan = copy_of(killed, tmp_path)
+    else:
+        _, out, plan = interrupted(tmp_path, 29900 + 10 * zero + before, before, zero_stage=zero)
     stage = StageDir(out / "phases" / "00-p")
     saved = fp32_digest(stage.checkpoints, "step6")
 
@@ -98,8 +117,8 @@ def test_other_engine_settings_continue_from_the_consolidated_weights(tmp_path: 
     assert_steps_once_and_data_continued(stage, manifest)
 
 
-def test_a_resume_that_cannot_work_is_refused_before_launch(tmp_path: Path):
-    plan_path, out, plan = interrupted(tmp_path, 29970, 2)
+def test_a_resume_that_cannot_work_is_refused_before_launch(killed, tmp_path: Path):
+    plan_path, out, plan = copy_of(killed, tmp_path)
     stage = StageDir(out / "phases" / "00-p")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -116,14 +135,6 @@ def test_a_resume_that_cannot_work_is_refused_before_launch(tmp_path: Path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before, "nothing written, nothing launched"
 
 
-@pytest.fixture(scope="module")
-def damaged_source(tmp_path_factory) -> tuple[Path, Path]:
-    """One interrupted run (tags step3 and step6) that each damage case copies."""
-    tmp_path = tmp_path_factory.mktemp("damaged")
-    plan_path, out, _ = interrupted(tmp_path, 29980, 2)
-    return plan_path, out
-
-
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -134,23 +145,42 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "flipped", "marker garbled"])
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_stage_resumes_from_the_one_before(damaged_source, tmp_path: Path, damage: str):
-    plan_path, source = damaged_source
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-    stage = StageDir(out / "phases" / "00-p")
+def damage_step6(stage: StageDir, damage: str) -> Path:
+    """Damage the newest tag one way; returns the file a message must name."""
     (victim,) = sorted((stage.checkpoints / "step6").glob("*optim_states.pt"))[:1]
-    {"truncated": truncate, "deleted": Path.unlink, "flipped": flip_a_byte,
-     "marker garbled": lambda _: (stage.checkpoints / "step6" / "complete").write_text("{not json")}[damage](victim)
+    marker = stage.checkpoints / "step6" / "complete"
+    {"truncated": truncate, "deleted": Path.unlink, "flipped": flip_a_byte, "marker garbled": lambda _: marker.write_text("{not json")}[damage](victim)
+    return marker if damage == "marker garbled" else victim
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "flipped", "marker garbled"])
+def test_every_kind_of_damage_is_found_by_checksum_before_launch(killed, tmp_path: Path, damage: str):
+    """What a rerun would set aside, and where it resumes: found by the launch side from the tag's
+    marker and checksums alone, before anything launches (the real rerun: next test)."""
+    plan_path, out, _ = copy_of(killed, tmp_path)
+    stage = StageDir(out / "phases" / "00-p")
+    named = damage_step6(stage, damage)
+
+    shown = cli("plan", plan_path, "--out", out, check=True)
+
+    assert "step3 (native" in shown.stdout, "the stage resumes from the newest intact tag"
+    assert "damaged, set aside at launch: step6 (" in shown.stdout and str(named) in shown.stdout, "the message names the damaged file"
+    assert StageFile.read(stage.stage_json).resume.set_aside[0].startswith("step6 ")
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_stage_resumes_from_the_one_before(killed, tmp_path: Path):
+    """Truncated (each kind of damage is found the same way: previous test), and without DeepSpeed's
+    `latest` file, which the harness does not need: it loads the tag it chose by name."""
+    plan_path, out, _ = copy_of(killed, tmp_path)
+    stage = StageDir(out / "phases" / "00-p")
+    named = damage_step6(stage, "truncated")
     damaged_bytes = {p.name: p.read_bytes() for p in (stage.checkpoints / "step6").iterdir()}
+    (stage.checkpoints / "latest").unlink()
 
     rerun = harness("run", plan_path, "--out", out)
 
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "checkpoint step6 (" in rerun.stdout and "is damaged; moved to" in rerun.stdout
-    named = victim if damage != "marker garbled" else stage.checkpoints / "step6" / "complete"
-    assert str(named) in rerun.stdout, "the message names the damaged file"
+    assert "checkpoint step6 (" in rerun.stdout and "is damaged; moved to" in rerun.stdout and str(named) in rerun.stdout
     (kept,) = (stage.checkpoints / "damaged").iterdir()
     assert {p.name: p.read_bytes() for p in kept.iterdir()} == damaged_bytes, "set aside as it was, not deleted"
     (resume,) = Manifest.read(stage.manifest).resumes
@@ -158,35 +188,18 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_stage_resumes_from_the
     assert [row["stage_step"] for row in metric_rows(stage.root)] == list(range(1, STEPS + 1))
 
 
-def test_deepspeeds_latest_file_is_not_needed(damaged_source, tmp_path: Path):
-    plan_path, source = damaged_source
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-    stage = StageDir(out / "phases" / "00-p")
-    (stage.checkpoints / "latest").unlink()
+def test_plan_shows_how_each_stage_resumes(killed, tmp_path: Path):
+    plan_path, out, _ = copy_of(killed, tmp_path)
 
-    rerun = harness("run", plan_path, "--out", out, check=True)
-
-    (resume,) = Manifest.read(stage.manifest).resumes
-    assert (resume.mode, resume.tag) == ("native", "step6"), rerun.stdout[-2000:]
-
-
-def test_plan_shows_how_each_stage_resumes(damaged_source, tmp_path: Path):
-    plan_path, source = damaged_source
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-
-    shown = harness("plan", plan_path, "--out", out, check=True)
+    shown = cli("plan", plan_path, "--out", out, check=True)
 
     assert "step6 (native" in shown.stdout
     assert StageFile.read(StageDir(out / "phases" / "00-p").stage_json).resume.tag == "step6"
 
 
 @pytest.mark.parametrize("older", ["marker", "manifest"])
-def test_a_run_folder_of_an_older_harness_is_refused_not_rerun(damaged_source, tmp_path: Path, older: str):
-    plan_path, source = damaged_source
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
+def test_a_run_folder_of_an_older_harness_is_refused_not_rerun(killed, tmp_path: Path, older: str):
+    plan_path, out, _ = copy_of(killed, tmp_path)
     stage = StageDir(out / "phases" / "00-p")
     if older == "marker":  # before issue 12 a marker held only the progress
         (stage.checkpoints / "step6" / "complete").write_text(json.dumps({"stage_step": 6, "global_step_start": 0}) + "\n")
@@ -194,7 +207,7 @@ def test_a_run_folder_of_an_older_harness_is_refused_not_rerun(damaged_source, t
         stage.manifest.write_text(json.dumps({"format": 1, "stage": "p"}) + "\n")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
-    refused = harness("run", plan_path, "--out", out)
+    refused = cli("run", plan_path, "--out", out)
 
     assert refused.returncode == 2
     assert "was written by an older one" in refused.stderr and "--out" in refused.stderr

@@ -68,15 +68,16 @@ def test_a_multistep_stage_overrides_parts_of_its_phase():
 def test_micro_batch_auto_candidates_keep_the_global_batch():
     assert micro_batch_candidates(48, 2) == [1, 2, 3, 4, 6, 8, 12, 24]
     stage = stage_of(pretrain_phase("p", micro_batch="auto", global_batch=16))
-    assert (stage.micro_batch_candidates, stage.micro_batch, stage.grad_accum) == ([1, 2, 4, 8], 8, 1)
+    # the memory of a rank is not given here: the probe starts at the smallest candidate (tests/test_memory.py: at the estimate's)
+    assert (stage.micro_batch_candidates, stage.micro_batch, stage.grad_accum) == ([1, 2, 4, 8], 1, 8)
     with pytest.raises(PlanError, match=r"phases\[0\]\.global_batch: 9 -> a multiple of the world size \(2\) with micro_batch auto"):
         stage_of(pretrain_phase("p", micro_batch="auto", global_batch=9))
 
 
-def probe_with(memory, candidates: list[int], budget: int) -> list[int]:
+def probe_with(memory, candidates: list[int], budget: int, start: int | None = None) -> list[int]:
     """The micro batches next_try picks when a micro batch m peaks at memory(m) (None: out of memory)."""
     tries: list[ProbeTry] = []
-    while (m := next_try(candidates, tries, budget)) is not None:
+    while (m := next_try(candidates, tries, budget, start)) is not None:
         peak = memory(m)
         tries.append(ProbeTry(micro_batch=m, peak_bytes=peak, fits=peak is not None and peak <= budget))
     return [t.micro_batch for t in tries]
@@ -93,6 +94,9 @@ def test_probe_jumps_to_the_largest_micro_batch_predicted_to_fit():
     # out of GPU memory: the probe stops there (the smallest candidate is then used)
     assert probe_with(lambda m: None, candidates, 40 * GB) == [1]
     assert probe_with(linear, candidates, 10 * GB) == [1]
+    # started at the memory estimate's choice: up one candidate when it fits, down one at a time when not
+    assert probe_with(linear, candidates, 40 * GB, start=32) == [32, 64]
+    assert probe_with(steep, candidates, 40 * GB, start=32) == [32, 16]
 
 
 def test_a_resumed_stage_keeps_the_micro_batch_its_probe_chose(tmp_path: Path):
@@ -119,10 +123,12 @@ def test_compiled_stage_matches_eager_and_hands_off(tmp_path: Path):
     e_sft, e_pre, e_post = manifests(tmp_path / "eager" / "run")
     f_sft, f_pre, f_post = manifests(tmp_path / "fast" / "run")
 
-    # micro_batch auto: the probe picked 4 per rank (every candidate fits), kept the global batch, and
-    # left no trace: the stage trained exactly like micro_batch 4 given in the plan.
+    # micro_batch auto: the probe started at 4, the largest candidate the memory estimate fits (nothing
+    # larger to try), kept the global batch, and left no trace: the stage trained exactly like
+    # micro_batch 4 given in the plan.
     assert (f_sft["batch"]["chosen_by"], f_sft["batch"]["micro_batch"], f_sft["batch"]["grad_accum"]) == ("probe", 4, 1)
-    assert [t["micro_batch"] for t in f_sft["batch"]["probe"]] == [1, 2, 4] and all(t["fits"] for t in f_sft["batch"]["probe"])
+    assert [t["micro_batch"] for t in f_sft["batch"]["probe"]] == [4] and all(t["fits"] for t in f_sft["batch"]["probe"])
+    assert [d["field"] for d in f_sft["memory"]["decisions"]] == ["micro_batch"]
     assert e_sft["batch"]["chosen_by"] == "plan"
     assert f_sft["weights_digest"] == e_sft["weights_digest"]
     assert json.loads((tmp_path / "fast/run/phases/00-sft/micro_batch.json").read_text())["micro_batch"] == 4

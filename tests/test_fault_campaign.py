@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, finetune_phase, harness, make_plan, metric_rows, pretrain_phase, write_plan
+from conftest import REPO, cli, finetune_phase, harness, make_plan, metric_rows, pretrain_phase, write_plan
 from harness.records import StageDir
 from harness.records import Manifest, is_done, read_json_lines
 from test_resume import wait_for
+
+pytestmark = pytest.mark.slow  # several DeepSpeed launches per test: left out of the developer loop
 
 STEPS, CHECKPOINT_EVERY = 6, 2
 STAGES = ["pre", "sft"]  # pretrain at ZeRO-2, then fine-tune at ZeRO-3 (a weights-only handoff)
@@ -266,19 +268,31 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_handoff_is_written_again_from_the_final_checkpoint(reference: Reference, tmp_path: Path, damage: str):
+def test_every_kind_of_damaged_handoff_is_found_and_the_stage_is_not_done(reference: Reference, tmp_path: Path, damage: str):
+    """Found by checksum (or a manifest that does not parse) where the launch side asks whether a
+    stage is done: `harness status` says so and a rerun would run it (the real rerun: next test)."""
     out = tmp_path / "run"
     shutil.copytree(reference.after_stage0, out)
-    pre, sft = stage_dir(out, 0), stage_dir(out, 1)
-    before = Manifest.read(pre.manifest)
-    tags = sorted(p.name for p in pre.checkpoints.glob("step*"))
-    assert tags == [f"step{STEPS - CHECKPOINT_EVERY}", f"step{STEPS}"] and is_done(pre) and not is_done(sft)
+    pre = stage_dir(out, 0)
+    assert is_done(pre)
     DAMAGE[damage](pre)
 
     status = harness("status", out, check=True, env={**os.environ, "COLUMNS": "200"})
     (row,) = [line for line in status.stdout.splitlines() if re.search(r"\b00\b.*\bpre\b", line)]
     assert "damaged handoff" in row, status.stdout
     assert not is_done(pre)
+    assert f"step{STEPS} (native" in cli("plan", reference.plan_path, "--out", out, check=True).stdout, "a rerun resumes at the final checkpoint"
+
+
+def test_a_damaged_handoff_is_written_again_from_the_final_checkpoint(reference: Reference, tmp_path: Path):
+    """The model file truncated (the other kinds are found the same way: previous test)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference.after_stage0, out)
+    pre, sft = stage_dir(out, 0), stage_dir(out, 1)
+    before = Manifest.read(pre.manifest)
+    tags = sorted(p.name for p in pre.checkpoints.glob("step*"))
+    assert tags == [f"step{STEPS - CHECKPOINT_EVERY}", f"step{STEPS}"] and is_done(pre) and not is_done(sft)
+    DAMAGE["truncated"](pre)
 
     rerun = harness("run", reference.plan_path, "--out", out)
 

@@ -33,14 +33,14 @@ def alpaca_array(rows: list) -> list[str]:
 
 
 @pytest.mark.parametrize("role, expected", [
-    (("role", "tool"), "has role 'tool' in message 1"),
-    (("from", "observation"), "has from 'observation' in message 1"),
+    (("role", "narrator"), "has role 'narrator' in message 1"),
+    (("from", "bot"), "has from 'bot' in message 1"),
 ])
 def test_a_role_the_template_does_not_know_is_refused_with_the_line(tmp_path, role, expected):
     key, name = role
     bad = json.dumps({"messages": [{"role": "user", "content": "Q"}, {key: name, ("content" if key == "role" else "value"): "A"}]})
     plan, path = sft(tmp_path, "chat.jsonl", GOOD_CHAT[:3] + [bad] + GOOD_CHAT, rows="chat")
-    refused(tmp_path, plan, f"phases[1].data.files[0]: '{path}' -> roles the chat template knows: system, user, assistant, human, gpt (line 4 {expected})")
+    refused(tmp_path, plan, f"phases[1].data.files[0]: '{path}' -> roles the chat template knows: system, user, assistant, tool, human, gpt, observation, function_call (line 4 {expected})")
 
 
 def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path):
@@ -79,8 +79,9 @@ def test_empty_chat_and_alpaca_files_are_refused(tmp_path):
 
 def test_a_bad_row_past_the_checked_sample_is_refused_by_the_store_builder_before_anything_is_written(tmp_path):
     lines = [chat(("user", f"Repeat w{k}."), ("assistant", f"w{k}")) for k in range(1200)]
-    lines[1100] = chat(("user", "Q"), ("tool", "A"))
+    lines[1100] = chat(("user", "Q"), ("narrator", "A"))
     plan, _ = sft(tmp_path, "chat.jsonl", lines, rows="chat")
     plan["cache_dir"] = str(tmp_path / "cache")
-    refused(tmp_path, plan, "row 1101: roles the chat template knows: system, user, assistant, human, gpt (it has role 'tool' in message 1)", command="run")
+    refused(tmp_path, plan, "row 1101: roles the chat template knows: system, user, assistant, tool, human, gpt, observation, function_call "
+                            "(it has role 'narrator' in message 1)", command="run")
     assert not any((tmp_path / "cache" / "tokens").glob("finetune-*/meta.json")), "no fine-tune store was completed"

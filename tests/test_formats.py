@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import DATA
-from harness.objectives.chat import BUILTIN_CHAT_TEMPLATE, messages_of
+from harness.objectives.chat import BUILTIN_CHAT_TEMPLATE, conversation_of
 from harness.plan import DataSpec, ModelSpec
 from harness.jobs.store_builder import build
 from harness.stages.stores import store_request
@@ -120,13 +120,21 @@ def test_prompt_response_columns_are_configurable_and_trained_as_before(tmp_path
     assert all(tokenizer.decode(r).startswith("A") for _, r in eval_pairs(data)), "the response, without its eos"
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tokenizer_folder(folder: Path, template: str):
+    """The byte tokenizer with this chat template, saved as a tokenizer folder; returns the tokenizer."""
+    own = byte_tokenizer()
+    own.chat_template = template
+    own.save_pretrained(folder)
+    return own
+
+
 def test_a_tokenizers_own_chat_template_renders_the_rows_and_closes_turns_its_way(tmp_path, tokenizer):
     """A ChatML-style template (end of turn '<|im_end|>\\n', not eos): the loss covers each reply and its end of turn."""
-    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    own = byte_tokenizer()
-    own.chat_template = chatml
-    own.save_pretrained(tmp_path / "tok")
+    chatml, own = CHATML, tokenizer_folder(tmp_path / "tok", CHATML)
     data = open_rows(DataSpec(files=[str(SHAREGPT_JSONL)], rows="chat"), tmp_path / "c", str(tmp_path / "tok"))
     first = json.loads(SHAREGPT_JSONL.read_text().splitlines()[0])["conversations"]
     assert row_labels(data, 0) == expected_labels([(f"<|im_start|>user\n{first[0]['value']}<|im_end|>\n<|im_start|>assistant\n", False),
@@ -145,7 +153,7 @@ def test_the_built_in_template_is_saved_with_the_tokenizer(tmp_path, tokenizer):
     plain.save_pretrained(tmp_path / "handoff")
     again = AutoTokenizer.from_pretrained(tmp_path / "handoff")
     assert (tmp_path / "handoff" / "chat_template.jinja").read_text() == BUILTIN_CHAT_TEMPLATE == again.chat_template
-    messages = messages_of(json.loads(CHAT_JSONL.read_text().splitlines()[1]), DataSpec(files=["x"], rows="chat"))
+    messages = conversation_of(json.loads(CHAT_JSONL.read_text().splitlines()[1]), DataSpec(files=["x"], rows="chat")).messages
     assert again.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True).endswith("<|assistant|>\n")
 
 

@@ -120,11 +120,13 @@ def test_bad_mixtures_are_refused_naming_each_field(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("some text\n\n" * 50)
     phase = {"name": "p", "kind": "pretrain", "steps": 2, "data": {"sources": [{"files": ["a.txt"], "weight": 1}, {"files": ["missing.txt"], "weight": 1}]}}
     flat = {"name": "q", "kind": "pretrain", "steps": 2, "data": {"files": ["a.txt"], "exhausted": "stop"}}
-    plan = write_plan(tmp_path, make_plan("bad", [phase, flat], port=30350))
+    pairs = {"name": "r", "kind": "preference", "steps": 2, "data": {"sources": [{"files": ["a.txt"], "weight": 1}]}}
+    plan = write_plan(tmp_path, make_plan("bad", [phase, flat, pairs], port=30350))
     assert main(["plan", str(plan), "--out", str(tmp_path / "run")]) == 2
     refused = capsys.readouterr().err
     assert "phases[0].data.sources[1].files[0]" in refused and "missing.txt" in refused
     assert "phases[1].data" in refused and "exhausted applies to a mixture (sources)" in refused
+    assert "phases[2].data.sources" in refused and "a preference phase reads one data set" in refused
     assert not (tmp_path / "run").exists()
 
 

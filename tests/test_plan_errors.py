@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, finetune_phase, harness, make_plan, pretrain_phase, write_plan
+from conftest import FINETUNE_JSONL, PRETRAIN_TEXT, REPO, cli, finetune_phase, harness, make_plan, pretrain_phase, write_plan
 from harness.launch.setup import prepare
 from harness.plan import PlanError, parse_plan
 
@@ -34,7 +34,7 @@ DELETE = object()
 
 # (change to a good plan, field path in the message, words of what is allowed)
 CASES = [
-    ("phases.0.zero_stage", 4, "phases[0].zero_stage", "0, 1, 2 or 3"),
+    ("phases.0.zero_stage", 4, "phases[0].zero_stage", "0, 1, 2, 3 or 'auto'"),
     ("phases.0.optimizer", {"type": "Adamax", "lr": 0.1}, "phases[0].optimizer", "unknown optimizer type 'Adamax'"),
     ("phases.0.optimizer", {"type": "AdamW", "lr": -0.1}, "phases[0].optimizer.lr", "greater than 0"),
     ("phases.0.optimizer", {"type": "SGD", "lr": 0.1, "betas": [0.9, 0.99]}, "phases[0].optimizer", "SGD does not take ['betas']"),
@@ -42,7 +42,7 @@ CASES = [
     ("phases.0.global_batch", 12, "phases[0].global_batch", "a multiple of micro_batch x world size = 4 x 2 = 8"),
     ("phases.0.data", {"files": ["missing.txt"]}, "phases[0].data.files[0]", "an existing file"),
     ("phases.0.precision", "fp16", "phases[0].precision", "fp32 or bf16 on CPU"),
-    ("phases.0.kind", "distill", "phases[0].kind", "'pretrain', 'finetune' or 'multistep'"),
+    ("phases.0.kind", "distill", "phases[0].kind", "'pretrain', 'finetune', 'preference' or 'multistep'"),
     ("phases.0.bogus_key", 1, "phases[0].bogus_key", "Extra inputs are not permitted"),
     ("phases.0.steps", DELETE, "phases[0]", "give exactly one of steps, epochs, tokens"),
     ("phases.0.epochs", 2, "phases[0].epochs", "pretrain phases take steps or tokens"),
@@ -127,9 +127,9 @@ def test_cli_exits_2_and_writes_and_launches_nothing(tmp_path: Path, command):
     plan = good_plan()
     plan["phases"][0]["zero_stage"] = 4
     out = tmp_path / "run"
-    result = harness(command, write_plan(tmp_path, plan), "--out", out)
+    result = cli(command, write_plan(tmp_path, plan), "--out", out)
     assert result.returncode == 2
-    assert "phases[0].zero_stage: 4 -> Input should be 0, 1, 2 or 3" in result.stderr
+    assert "phases[0].zero_stage: 4 -> Input should be 0, 1, 2, 3 or 'auto'" in result.stderr
     assert not out.exists()
     assert "deepspeed" not in result.stdout.lower()
 
@@ -137,15 +137,15 @@ def test_cli_exits_2_and_writes_and_launches_nothing(tmp_path: Path, command):
 def test_a_changed_plan_is_refused_for_an_existing_run_unless_forced(tmp_path: Path):
     out = tmp_path / "run"
     plan_path = write_plan(tmp_path, good_plan())
-    assert harness("plan", plan_path, "--out", out).returncode == 0
+    assert cli("plan", plan_path, "--out", out).returncode == 0
     before = (out / "phases" / "00-pre" / "ds_config.json").read_text()
     changed = copy.deepcopy(good_plan())
     changed["phases"][0]["micro_batch"] = 2
     write_plan(tmp_path, changed)
-    refused = harness("plan", plan_path, "--out", out)
+    refused = cli("plan", plan_path, "--out", out)
     assert refused.returncode == 2 and "--out" in refused.stderr and "--force" in refused.stderr
     assert (out / "phases" / "00-pre" / "ds_config.json").read_text() == before
-    assert harness("plan", plan_path, "--out", out, "--force").returncode == 0
+    assert cli("plan", plan_path, "--out", out, "--force").returncode == 0
     assert '"train_micro_batch_size_per_gpu": 2' in (out / "phases" / "00-pre" / "ds_config.json").read_text()
 
 
@@ -159,10 +159,10 @@ def test_slurm_launcher_outside_an_allocation_is_refused_before_anything_is_writ
 
 
 def test_missing_plan_file_and_broken_yaml(tmp_path: Path):
-    missing = harness("plan", tmp_path / "nope.yaml", "--out", tmp_path / "run")
+    missing = cli("plan", tmp_path / "nope.yaml", "--out", tmp_path / "run")
     assert missing.returncode == 2 and "an existing plan file" in missing.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed\n")
-    result = harness("plan", broken, "--out", tmp_path / "run")
+    result = cli("plan", broken, "--out", tmp_path / "run")
     assert result.returncode == 2 and "valid YAML" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -10,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from harness.records import StageDir
 
 from conftest import REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+
+pytestmark = pytest.mark.slow  # several DeepSpeed launches per test: left out of the developer loop
 
 STEPS = 200
 

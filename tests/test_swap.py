@@ -110,6 +110,7 @@ def test_each_stage_starts_from_what_the_previous_one_saved(uninterrupted: Path)
             assert after["start_optimizer_state_digest"] == "empty", f"{after['stage']}: a fresh optimizer"
 
 
+@pytest.mark.slow
 def test_swapping_gives_the_weights_and_losses_of_a_relaunch_per_stage(uninterrupted: Path, relaunched: Path):
     assert len(set(rank_pids(relaunched))) == len(STAGES), "the relaunch run started fresh ranks for every stage"
     swapped, fresh = manifests(uninterrupted), manifests(relaunched)
@@ -134,6 +135,7 @@ def test_each_stage_keeps_its_own_log_memory_record_and_metrics(uninterrupted: P
         assert (stage.ranks / "end-rank1.txt").read_text().startswith("exit"), f"{name}: rank 1 left the stage normally"
 
 
+@pytest.mark.slow
 def test_a_rank_killed_inside_the_group_names_its_stage_and_the_rerun_resumes_it(interrupted: dict, uninterrupted: Path):
     killed = interrupted["killed"]
     assert killed.returncode == 1 and "stage 02 'ms.c1.s2-adamw'" in killed.stderr, killed.stderr[-3000:]
@@ -143,6 +145,7 @@ def test_a_rank_killed_inside_the_group_names_its_stage_and_the_rerun_resumes_it
     assert "stage ms.c1.s2-adamw: resuming from checkpoint step2 (native" in interrupted["stopped"].stdout
 
 
+@pytest.mark.slow
 def test_a_stop_request_inside_the_group_checkpoints_and_the_rerun_resumes_it(interrupted: dict):
     stopped = interrupted["stopped"]
     assert stopped.returncode == PREEMPTED, f"{stopped.stdout[-3000:]}\n{stopped.stderr[-3000:]}"
@@ -153,6 +156,7 @@ def test_a_stop_request_inside_the_group_checkpoints_and_the_rerun_resumes_it(in
     assert f"stage ms.c1.s3-adamw: resuming from checkpoint {tag} (native" in interrupted["final"].stdout
 
 
+@pytest.mark.slow
 def test_after_both_interruptions_the_run_ends_with_the_uninterrupted_weights(interrupted: dict, uninterrupted: Path):
     out = interrupted["out"]
     assert [m["weights_digest"] for m in manifests(out)] == [m["weights_digest"] for m in manifests(uninterrupted)]

@@ -4,8 +4,8 @@ side, because it needs torch; writes `<out>.partial` and renames it when complet
 
 - universal:    DeepSpeed's ds_to_universal: per-parameter fp32 weights and optimizer moments,
                 loadable at any world size with `checkpoint.load_universal`.
-- consolidated: the tag's fp32 weights as a Hugging Face folder (config.json + safetensors),
-                written one tensor at a time: from the universal form for ZeRO-1..3 (and
+- consolidated: the tag's fp32 weights as a Hugging Face folder (config.json + safetensors; an
+                adapter stage's merged), written one tensor at a time: from the universal form for ZeRO-1..3 (and
                 bf16 ZeRO-0), from the replicated module state for fp32 ZeRO-0.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from harness.records import CHECKPOINT_COMPLETE
+from harness.records import CHECKPOINT_COMPLETE, Adapter
 from harness.plan import ModelSpec
+from harness.worker.adapter import merged_shapes, merged_weights
 from harness.worker.model import SafetensorsWriter, architecture, load_tokenizer
 
 SHARD_BYTES = 5_000_000_000
@@ -40,7 +41,9 @@ def _universal_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
     return saved["param"] if isinstance(saved, dict) else saved
 
 
-def consolidate(tag: Path, out: Path, model: ModelSpec) -> None:
+def consolidate(tag: Path, out: Path, model: ModelSpec, adapter: Adapter | None) -> None:
+    """The tag's fp32 weights as a Hugging Face folder; a tag of an adapter stage as its merged
+    model (the stage then resumes with a fresh adapter on it, as a changed adapter starts)."""
     if any(tag.glob("*optim_states.pt")):
         universal = out / "universal"
         to_universal(tag, universal)
@@ -52,6 +55,8 @@ def consolidate(tag: Path, out: Path, model: ModelSpec) -> None:
         module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         shapes = {name: tuple(w.shape) for name, w in module.items()}
         weights = ((name, module[name]) for name in sorted(module))
+    if adapter is not None:
+        shapes, weights = merged_shapes(shapes, adapter), merged_weights(weights, adapter)
     writer = SafetensorsWriter(out, shapes, torch.float32, SHARD_BYTES)
     for name, weight in weights:
         writer.add(name, weight.float())
@@ -70,7 +75,8 @@ def main(request: dict) -> None:
     if request["mode"] == "universal":
         to_universal(tag, partial)
     else:
-        consolidate(tag, partial, ModelSpec.model_validate(request["model"]))
+        adapter = Adapter.model_validate(request["adapter"]) if request.get("adapter") else None
+        consolidate(tag, partial, ModelSpec.model_validate(request["model"]), adapter)
     (partial / CHECKPOINT_COMPLETE).write_text(json.dumps({"from": str(tag)}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

@@ -111,7 +111,7 @@ class Pieces:
         where = piece.source + (f" from byte {piece.start:,}" if piece.start and piece.reader != "parquet" else "")
         partial = self.folder / f"{j:06d}.partial-{os.getpid()}"
         partial.mkdir()
-        started, rows, tokens = time.perf_counter(), 0, 0
+        started, rows, tokens, read = time.perf_counter(), 0, 0, 0  # read: input rows (a preference row makes two store rows)
         with open(partial / TOKENS, "wb") as token_file, open(partial / OFFSETS, "wb") as offset_file, \
                 (open(partial / LOSS_MASK, "wb") if objective.loss_mask else contextlib.nullcontext()) as mask_file:
             offset_file.write(np.zeros(1, np.int64).tobytes())
@@ -121,9 +121,10 @@ class Pieces:
                     if missing:
                         raise DataProblem(f"{where}: no column {missing[0]!r}; columns: {sorted(batch)}")
                     try:
-                        encoded = encode_rows(batch, rows + 1)
+                        encoded = encode_rows(batch, read + 1)
                     except DataProblem as problem:
                         raise DataProblem(f"{where}: {problem}") from None
+                    read += len(next(iter(batch.values())))
                     lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count=len(encoded))
                     token_file.write(np.fromiter(itertools.chain.from_iterable(ids for ids, _ in encoded), self.dtype, count=int(lengths.sum())).tobytes())
                     if objective.loss_mask:

@@ -108,10 +108,12 @@ def memory_advice(stage: Stage, stage_dir: StageDir) -> str:
         changes.append("micro_batch: auto measured what fits at the stage's start; give a smaller micro_batch (global_batch stays)")
     elif s.micro_batch > 1:
         changes.append(f"micro_batch: {s.micro_batch} -> {max(1, s.micro_batch // 2)} (global_batch stays: more accumulation steps)")
-    if s.zero_stage < 3:
-        changes.append(f"zero_stage: {s.zero_stage} -> 3 (weights, gradients and optimizer state sharded over the ranks, not one copy each)")
+    if stage.activation_checkpointing != "full":
+        changes.append("activation_checkpointing: full (decoder layers recomputed in the backward instead of keeping their activations)")
+    if stage.zero_stage < 3:
+        changes.append(f"zero_stage: {stage.zero_stage} -> 3 (weights, gradients and optimizer state sharded over the ranks, not one copy each)")
     if stage.accelerator == "cuda":
-        if s.offload.optimizer or s.offload.params:
+        if stage.offload.optimizer or stage.offload.params:
             changes.append("offload: it keeps optimizer state (and parameters) in host memory; offload less, or use more nodes")
         else:
             changes.append("offload: only if GPU memory is what runs short, it moves state from the GPU into host memory")
@@ -133,7 +135,8 @@ def _memory_table(ranks: list[RankEnd]) -> str:
         memory = r.memory
         if memory:
             total = f" of {_gb(memory.host_memory_bytes)} on {memory.host}" if memory.host_memory_bytes else ""
-            peak = f"peak RSS {_gb(memory.peak_rss_bytes)}{total} (last recorded at '{memory.milestone}')"
+            estimated = f", estimated {_gb(memory.estimate_bytes)}" if memory.estimate_bytes else ""
+            peak = f"peak RSS {_gb(memory.peak_rss_bytes)}{total}{estimated} (last recorded at '{memory.milestone}')"
         else:
             peak = "no memory recorded"
         lines.append(f"  rank {r.rank}: {how}; {peak}; log: {r.log}")

@@ -1,5 +1,5 @@
 """Which hosts a stage runs on: the plan's hostfile or host list, or the SLURM allocation; and
-how many GPUs this machine has. Never imports torch."""
+how many GPUs this machine has, and how much memory. Never imports torch."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +11,7 @@ from harness.launch.slurm import scontrol, scontrol_fields
 from harness.plan.hostfile import hostfile_hosts, hostfile_text
 from harness.records import StageDir
 from harness.stages import Stage
+from harness.stages.fit import MachineMemory
 
 
 def hostfile_path(stage: Stage, stage_dir: StageDir) -> str | None:
@@ -51,3 +52,22 @@ def local_gpu_count() -> int | None:
 def _node_address(node: str) -> str:
     """A SLURM node's NodeAddr (its name need not resolve, e.g. on a test cluster)."""
     return scontrol_fields(scontrol("show", "node", "-o", node)).get("NodeAddr", node)
+
+
+@functools.cache
+def machine_memory() -> MachineMemory:
+    """This machine's memory, which the memory estimate is checked against (harness/stages/fit.py):
+    the smallest GPU's total memory (`nvidia-smi --query-gpu=memory.total`, MiB), and MemTotal."""
+    gpu = None
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        sizes = [int(line) for line in listing.stdout.split() if line.strip().isdigit()]
+        gpu = min(sizes) * 2**20 if listing.returncode == 0 and sizes else None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    host = None
+    try:
+        host = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        pass
+    return MachineMemory(gpu_bytes=gpu, host_bytes=host)

@@ -10,6 +10,7 @@ import sys
 from typing import Any, Callable
 
 from harness.plan import ModelSpec, PlanError
+from harness.records import Adapter
 from harness.records.token_store import DATA_PROBLEM_EXIT, META, StoreRequest
 from harness.stages.params import ParamTable
 
@@ -34,9 +35,11 @@ def validate_with_deepspeed(configs: list[dict[str, Any]]) -> list[tuple[int, st
     return [(index, problem) for index, problem in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
-def read_param_table(model: ModelSpec) -> ParamTable:
-    """The parameters of the plan's model (harness/jobs/param_table.py; about as long as importing transformers)."""
-    result = subprocess.run(_job("param_table"), input=model.model_dump_json(), capture_output=True, text=True)
+def read_param_table(model: ModelSpec, adapter: Adapter | None = None) -> ParamTable:
+    """The parameters of the plan's model, with the adapter applied when given one
+    (harness/jobs/param_table.py; about as long as importing transformers)."""
+    request = {"model": model.model_dump(mode="json"), "adapter": adapter.model_dump(mode="json") if adapter else None}
+    result = subprocess.run(_job("param_table"), input=json.dumps(request), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"listing the model's parameters failed:\n{result.stderr[-2000:]}")
     return ParamTable.model_validate_json(result.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ from harness.launch.failures import explain_exit, resume_advice
 from harness.launch.jobs import build_stores
 from harness.launch.processes import launch_group
 from harness.launch.resume import drop_conversions, prepare_resume
-from harness.launch.setup import RunSetup, write_setup
+from harness.launch.setup import RunSetup, check_built_stores, write_setup
 from harness.records import RunDir, StageDir, is_done, write_atomic
 from harness.stages import Stage, launch_groups, required_stores
 
@@ -43,6 +43,7 @@ def run_stages(setup: RunSetup, only: set[int] | None = None, echo: Callable[[st
     # Tokenize before anything launches (no collective waits on it) and before anything is
     # written: a data problem is bad input (exit 2).
     build_stores(required_stores([stage for stage in todo if stage.index in setup.resumes]), echo)
+    check_built_stores([stage for stage in todo if stage.index in setup.resumes])
     write_setup(setup)
     collect_metrics(setup.run)
     for stage in todo:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.launch.jobs import convert_checkpoint
-from harness.records import CHECKPOINT_COMPLETE, ResumePoint, StageDir
+from harness.records import CHECKPOINT_COMPLETE, CheckpointRecord, ResumePoint, StageDir
 from harness.stages import Stage
 
 
@@ -23,8 +23,10 @@ def prepare_resume(point: ResumePoint, stage: Stage, stage_dir: StageDir, echo: 
         echo(f"[harness] stage {stage.name}: checkpoint {entry} is damaged; moved to {target}")
     if point.mode in ("universal", "consolidated") and not (Path(point.load_folder) / CHECKPOINT_COMPLETE).exists():
         echo(f"[harness] stage {stage.name}: {point.reason}")
+        saved = CheckpointRecord.read(stage_dir.checkpoints / point.tag / CHECKPOINT_COMPLETE).engine
         convert_checkpoint({"checkpoint": str(stage_dir.checkpoints / point.tag), "mode": point.mode, "out": point.load_folder,
-                            "model": stage.model.model_dump(mode="json")})
+                            "model": stage.model.model_dump(mode="json"),
+                            "adapter": saved.adapter.model_dump(mode="json") if saved.adapter else None})
 
 
 def drop_conversions(stage_dir: StageDir) -> None:

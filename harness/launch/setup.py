@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from harness import objectives
+from harness.objectives import OBJECTIVES
+from harness.objectives.samples import row_location
 from harness.launch.command import deepspeed_binary, launcher_command
-from harness.launch.hosts import hostfile_path, local_gpu_count
+from harness.launch.hosts import hostfile_path, local_gpu_count, machine_memory
 from harness.launch.jobs import read_param_table, validate_with_deepspeed
 from harness.launch.processes import first_port
 from harness.launch.wandb_mode import resolve_mode
-from harness.plan import BUILTIN_CONFIGS, DataSpec, ModelSpec, Plan, PlanError, load_plan
-from harness.records import ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
-from harness.stages import Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, start_decision
+from harness.plan import BUILTIN_CONFIGS, BYTE_VOCAB, DataSpec, ModelSpec, Plan, PlanError, load_plan
+from harness.records import Adapter, ResumePoint, RunDir, StartDecision, is_done, older_format, read_manifest
+from harness.stages import (Stage, StageFile, engine_identity, eval_size, expand_stages, launch_groups, stage_fields, stage_stores,
+                            start_decision)
 from harness.stages.ds_config import check_ds_config, deepspeed_block_problems, get_train_ds_config
 from harness.stages.resume import ds_config_for, resume_point
 
@@ -62,10 +65,24 @@ def count_train_rows(spec: DataSpec) -> int:
 
 
 def model_config(model: ModelSpec) -> dict[str, Any]:
-    """The model's config.json (a built-in's config), for the shape the DeepSpeed config needs."""
+    """The model's config.json (a built-in's config, with its tokenizer's vocabulary), for the shape the
+    DeepSpeed config and the memory estimate need."""
     if model.builtin is not None:
-        return BUILTIN_CONFIGS[model.builtin]
+        return {**BUILTIN_CONFIGS[model.builtin], "vocab_size": tokenizer_vocab(model.tokenizer)}
     return json.loads((Path(model.path) / "config.json").read_text())
+
+
+def tokenizer_vocab(tokenizer: str | None) -> int:
+    """Tokens of a tokenizer as the worker sizes a built-in model to it: the byte tokenizer's, or the
+    ids of a folder's tokenizer.json (its model's vocabulary and added tokens)."""
+    path = Path(tokenizer or "") / "tokenizer.json"
+    if tokenizer in (None, "bytes") or not path.is_file():
+        return BYTE_VOCAB
+    spec = json.loads(path.read_text())
+    vocab = spec.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [token["id"] for token in spec.get("added_tokens", [])]
+    return max(ids, default=BYTE_VOCAB - 1) + 1
 
 
 def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dict[str, Any]]]:
@@ -74,10 +91,15 @@ def validated_stages(plan_path: str | Path) -> tuple[Plan, list[Stage], list[dic
     plan = load_plan(plan_path, objectives.file_problem)
     accelerator = detect_accelerator(plan.cluster.accelerator)
     local_gpus = local_gpu_count() if accelerator == "cuda" and plan.cluster.launcher == "local" else None
-    # The model's parameter names, read (in a child process) only if some stage's trainable set needs them.
-    model_params = functools.cache(lambda: read_param_table(plan.model))
+    # The model's parameter names, read (in a child process) only if some stage's trainable set needs
+    # them: once for the model, once per adapter (its JSON is the cache key).
+    tables = functools.cache(lambda adapter_json: read_param_table(plan.model, Adapter.model_validate_json(adapter_json) if adapter_json else None))
+
+    def model_params(adapter: Adapter | None):
+        return tables(adapter.model_dump_json() if adapter else None)
+
     stages = expand_stages(plan, accelerator, count_train_rows, model_config(plan.model), local_gpus, model_params,
-                           wandb_mode=resolve_mode(plan.wandb.mode))
+                           wandb_mode=resolve_mode(plan.wandb.mode), machine=machine_memory())
     configs = [get_train_ds_config(stage) for stage in stages]
     problems, sound = [], []
     for stage, config, where in zip(stages, configs, stage_fields(plan)):
@@ -120,6 +142,19 @@ def prepare(plan_path: str | Path, out: str | Path, force: bool = False) -> RunS
     # How each unfinished stage continues; a stage that cannot raises PlanError here.
     resumes = {stage.index: resume_point(stage, run.stage(stage.index, stage.name)) for stage in stages if not is_done(run.stage(stage.index, stage.name))}
     return RunSetup(plan_text, plan, stages, configs, run, resumes, start_decisions(stages, run, resumes))
+
+
+def check_built_stores(stages: list[Stage]) -> None:
+    """What each stage's objectives find in its built token stores at its settings (a preference
+    prompt that leaves no response token within seq_len): PlanError naming the file and line."""
+    problems = []
+    for stage in stages:
+        for kind, request in ((kind, request) for kind, requests in stage_stores(stage).items() for request in requests):
+            for sample, expected, found in OBJECTIVES[kind].built_store_problems(request.folder, stage.settings):
+                file, where = (request.data.hub, f"row {sample + 1}") if request.data.hub else row_location(request.data, sample)
+                problems.append((request.where, file, f"{expected} ({where} {found})"))
+    if problems:
+        raise PlanError(problems)
 
 
 def start_decisions(stages: list[Stage], run: RunDir, resumes: dict[int, ResumePoint]) -> dict[int, StartDecision]:

@@ -7,6 +7,7 @@ branches on a kind.
     base.py          the launch-side interface (Objective), RowProblem, DataProblem
     pretrain.py      packed next-token prediction on text
     finetune.py      next-token prediction on responses only (prompt/response, alpaca, chat rows)
+    preference.py    pairs of a chosen and a rejected response: DPO, IPO, SimPO, ORPO
     chat.py          conversations rendered with a chat template, and where their loss goes
     samples.py       reading a data file's first rows to check them, counting rows
     task_metrics.py  scores of generated text (exact match, F1, BLEU, chrF, ROUGE)
@@ -16,12 +17,13 @@ schema), objectives/<kind>.py and worker/objectives/<kind>.py, one line in each 
 """
 from harness.objectives.base import DataProblem, Objective, RowProblem
 from harness.objectives.finetune import FINETUNE
+from harness.objectives.preference import PREFERENCE
 from harness.objectives.pretrain import PRETRAIN
 from harness.objectives.samples import count_rows
 from harness.objectives import samples
 from harness.plan import OBJECTIVE_KINDS, DataSpec
 
-OBJECTIVES: dict[str, Objective] = {objective.kind: objective for objective in (PRETRAIN, FINETUNE)}
+OBJECTIVES: dict[str, Objective] = {objective.kind: objective for objective in (PRETRAIN, FINETUNE, PREFERENCE)}
 if set(OBJECTIVES) != set(OBJECTIVE_KINDS):
     raise ImportError(f"the objectives registered ({sorted(OBJECTIVES)}) differ from the plan's kinds ({sorted(OBJECTIVE_KINDS)})")
 

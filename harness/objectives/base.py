@@ -5,6 +5,7 @@ metrics. No torch: `harness plan` and the store builder call these.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from harness.plan import DataSpec, TrainSettings
@@ -40,6 +41,11 @@ class Objective:
     """Its store rows carry a loss mask per token (loss_mask.bin)."""
     metric_prefix: ClassVar[str]
     """eval/<prefix>_loss and eval/<prefix>_ppl name its held-out loss beside other data sets'."""
+    rows_per_sample: ClassVar[int] = 1
+    """Rows one sample puts through the forward (a preference pair: its chosen and rejected row), so
+    a micro batch of samples costs that many rows of activations (harness/stages/memory.py)."""
+    perplexity: ClassVar[bool] = True
+    """Its held-out loss is a mean token negative log-likelihood, so exp(loss) is a perplexity."""
 
     def required_columns(self, spec: DataSpec) -> list[str]:
         """The columns every row must have."""
@@ -77,6 +83,17 @@ class Objective:
 
     def eval_keys(self, settings: TrainSettings) -> list[str]:
         """The eval/ keys it reports besides the held-out loss and perplexity (report columns)."""
+        return []
+
+    def stage_notes(self, settings: TrainSettings, precision: str, store: Path, start_digest: str | None, spec: DataSpec) -> list[str]:
+        """Lines `harness plan` prints under an unfinished stage that trains it on the data set spec.
+        store: its token store's folder; start_digest: the digest of the weights the stage starts
+        from, when the launch side knows it."""
+        return []
+
+    def built_store_problems(self, store: Path, settings: TrainSettings) -> list[tuple[int, str, str]]:
+        """What keeps a built store's samples from training at these settings, found before anything
+        is written or launched: (sample number, what is expected, what it has)."""
         return []
 
 

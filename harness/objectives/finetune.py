@@ -39,7 +39,7 @@ class Finetune(Objective):
         if not uses_template(spec):
             return super().row_problem(row, spec)
         try:
-            chat.messages_of(row, spec)
+            chat.conversation_of(row, spec)
         except RowProblem as problem:
             return problem
         return None
@@ -57,7 +57,7 @@ class Finetune(Objective):
         if not uses_template(spec):
             return [spec.prompt_field, spec.response_field]
         columns = [spec.instruction_field, spec.input_field, spec.output_field, spec.system_field, spec.history_field] \
-            if spec.rows == "alpaca" else [spec.messages_field]
+            if spec.rows == "alpaca" else [spec.messages_field, spec.tools_field]
         return [spec.rows, columns, hashlib.sha256(chat.BUILTIN_CHAT_TEMPLATE.encode()).hexdigest()[:16]]
 
     def encoder(self, spec: DataSpec, tokenizer) -> RowEncoder:
@@ -73,13 +73,13 @@ class Finetune(Objective):
             return pairs
 
         def conversations(batch: dict[str, list], first_row: int) -> list[tuple[list[int], list[int]]]:
-            messages = []
+            conversations = []
             for k, values in enumerate(zip(*batch.values())):
                 try:
-                    messages.append(chat.messages_of(dict(zip(batch, values)), spec))
+                    conversations.append(chat.conversation_of(dict(zip(batch, values)), spec))
                 except RowProblem as problem:
                     raise DataProblem(f"row {first_row + k}: {problem.expected} (it {problem.found})") from None
-            return chat.encode_conversations(messages, tokenizer, first_row)
+            return chat.encode_conversations(conversations, tokenizer, first_row)
 
         return conversations
 

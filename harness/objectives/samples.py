@@ -154,6 +154,21 @@ def _parquet_problem(path: str, spec: DataSpec, objective: Objective) -> str | N
     return None
 
 
+def row_location(spec: DataSpec, row: int) -> tuple[str, str]:
+    """(file, 'line N' or 'row K') of a local data set's row (0-based, over its files in order, as the
+    store builder reads them): the line of JSON Lines and text, the row of a JSON array or parquet."""
+    for file in spec.files:
+        rows = count_rows(spec.model_copy(update={"files": [file]}))
+        if row < rows:
+            break
+        row -= rows
+    if spec.resolved_format() == "parquet" or is_json_array(file):
+        return file, f"row {row + 1}"
+    with OPENERS.get(os.path.splitext(file)[1], open)(file, "rt") as f:
+        lines = (number for number, line in enumerate(f, 1) if line.strip())
+        return file, f"line {next(number for k, number in enumerate(lines) if k == row)}"
+
+
 def count_rows(spec: DataSpec) -> int:
     """Rows of a local data set, without tokenizing: parquet metadata, the length of a JSON array
     (read whole, as the builder reads it), or non-empty lines."""

@@ -7,6 +7,7 @@ imports nothing else of the harness, and never torch.
     cluster.py       cluster, slurm, wandb: where it runs and what it reports to
     data.py          data: one data set, or multistep's pair
     training.py      every training setting of a phase or multistep stage
+    trainable.py     which parameters train: selectors, lr groups, adapters
     phases.py        phases and the plan itself
     errors.py        PlanError: every problem at once, each with field, value and what is allowed
     load.py          YAML -> Plan; checks.py, hostfile.py, model_source.py what it checks besides
@@ -17,15 +18,17 @@ from harness.plan.data import MIX_CYCLE, DataSource, DataSpec, MixSpec, Multiste
 from harness.plan.errors import PlanError, Problem
 from harness.plan.fields import NAME_PATTERN, Strict, is_secret
 from harness.plan.load import default_cache_dir, load_plan, parse_plan
-from harness.plan.model import BUILTIN_CONFIGS, ModelSpec
+from harness.plan.model import BUILTIN_CONFIGS, BYTE_VOCAB, ModelSpec
 from harness.plan.model_source import TOKENIZER_FILES
 from harness.plan.phases import OBJECTIVE_KINDS, PhaseSpec, Plan, StageSettings, deep_merge
-from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, LAYER_RANGE, FastParts, MetricName, OffloadSpec, OptimizerSpec,
-                                   RegularizationSpec, SchedulerSpec, TrainableSpec, TrainSettings)
+from harness.plan.trainable import ALL_LINEAR, LAYER_RANGE, AdapterSpec, TrainableSpec
+from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, FastParts, MetricName, OffloadSpec, OptimizerSpec,
+                                   PreferenceSpec, RegularizationSpec, SchedulerSpec, TrainSettings)
 
 __all__ = [
-    "BUILTIN_CONFIGS", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
+    "ALL_LINEAR", "AdapterSpec", "BUILTIN_CONFIGS", "BYTE_VOCAB", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
     "DataSource", "FastParts", "FileProblem", "MIX_CYCLE", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
+    "PreferenceSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
     "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "is_secret", "load_plan", "parse_plan",
 ]

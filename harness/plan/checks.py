@@ -46,16 +46,50 @@ def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProb
         given = [k for k in ("steps", "epochs", "tokens") if getattr(phase, k) is not None]
         if len(given) != 1:
             problems.append((f"phases[{i}]", given, "give exactly one of steps, epochs, tokens"))
+    problems += _preference_problems(i, phase)
     for where, kind, spec in _data_specs(phase):
         for k, pattern in enumerate(spec.files):  # a mixture's sources each come as a data set of their own
             files = expand_files([pattern], base_dir)
             if not files:
                 problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
-            for file in files if file_problem is not None else ():
+            for file in files if file_problem is not None and _rows_fit(kind, spec) else ():
                 why = file_problem(file, spec, kind)
                 if why is not None:
                     problems.append((f"phases[{i}].{where}.files[{k}]", file, why))
     return problems
+
+
+def _preference_problems(i: int, phase: PhaseSpec) -> list[Problem]:
+    """Preference settings and rows only where a preference phase reads them; no packing there."""
+    problems = []
+    if phase.kind != "preference" and "preference" in phase.model_fields_set:
+        problems.append((f"phases[{i}].preference", phase.preference.model_dump(exclude_none=True),
+                         f"a block of preference phases only (kind: preference); this phase is {phase.kind}"))
+    for j, stage in enumerate(phase.stages):
+        if stage.preference is not None:
+            problems.append((f"phases[{i}].stages[{j}].preference", stage.preference.model_dump(exclude_none=True),
+                             "a block of preference phases only (kind: preference); a multistep stage trains pretrain and finetune data"))
+    if phase.kind == "preference" and phase.data.sources:  # the reference log-probabilities are kept per store
+        problems.append((f"phases[{i}].data.sources", len(phase.data.sources), "files or hub: a preference phase reads one data set "
+                         "(weighted mixtures are for pretrain and finetune data)"))
+    for where, kind, spec in _data_specs(phase):
+        if not _rows_fit(kind, spec) and kind == "preference":
+            problems.append((f"phases[{i}].{where}.rows", spec.rows, "preference (or unset): a preference phase reads pairs of a chosen "
+                             "and a rejected response; prompt_response, alpaca and chat rows train a finetune phase"))
+        elif not _rows_fit(kind, spec):
+            problems.append((f"phases[{i}].{where}.rows", spec.rows, f"prompt_response, alpaca or chat for {kind} data: "
+                             "preference rows train a phase of kind preference"))
+        if kind == "preference" and spec.packing:
+            problems.append((f"phases[{i}].{where}.packing", spec.packing, "false for preference rows: a pair's chosen and rejected "
+                             "responses go through one forward as two padded rows"))
+    return problems
+
+
+def _rows_fit(kind: str, spec: DataSpec) -> bool:
+    """Preference rows (given, or left unset) for preference data, and only there."""
+    if kind == "preference":
+        return "rows" not in spec.model_fields_set or spec.rows == "preference"
+    return spec.rows != "preference"
 
 
 def _data_specs(phase: PhaseSpec) -> list[tuple[str, str, DataSpec]]:

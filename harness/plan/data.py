@@ -24,7 +24,9 @@ class DataSource(Strict):
     hub: str | None = None
     """A Hugging Face hub dataset name (as data.hub)."""
     split: str = "train"
+    """hub: the split to read (as data.split)."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """How this source's files read (as data.format; auto: by the suffix)."""
     text_field: str | None = None
     """pretrain: this source's text column, when it is not the data block's text_field."""
     weight: float = Field(gt=0)
@@ -49,20 +51,30 @@ class DataSpec(Strict):
     split: str = "train"
     """hub: the split to read."""
     format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """How the files read. text: plain text, one document per paragraph (blank-line separated); json:
+    JSON Lines or one JSON array of rows; parquet. auto: from the first file's suffix (.jsonl and .json:
+    json, .parquet: parquet, anything else: text), under a compression suffix such as .gz."""
     text_field: str = "text"
     """pretrain: the column with the text (json/parquet)."""
     prompt_field: str = "prompt"
-    """finetune: the column with the prompt."""
+    """finetune and preference: the column with the prompt."""
     response_field: str = "response"
     """finetune: the column with the response (the only tokens with loss)."""
     # ---- fine-tune row shapes and packing (harness/objectives/finetune.py and chat.py read the rows) ----
-    rows: Literal["prompt_response", "alpaca", "chat"] = "prompt_response"
+    rows: Literal["prompt_response", "alpaca", "chat", "preference"] = "prompt_response"
     """finetune: what a row holds. prompt_response: two text columns (prompt_field, response_field),
     trained as prompt + response + end-of-sequence, no template. alpaca: instruction, optional input,
     output, optional system and history. chat: a list of messages, {role, content} with roles
     system/user/assistant, or sharegpt's {from, value} with human/gpt/system. alpaca and chat rows
     are rendered with the tokenizer's chat template (the built-in one when it has none, saved with the
-    handoff model), with loss on every assistant turn and the end-of-turn token that closes it."""
+    handoff model), with loss on every assistant turn and the end-of-turn token that closes it; chat
+    rows may hold tool calls (see harness/objectives/chat.py). preference (kind preference, and its
+    only shape: left unset there, it is implied): a prompt with a chosen and a rejected response, as
+    text columns (prompt_field, chosen_field, rejected_field: trained as prompt + response +
+    end-of-sequence, no template, as prompt_response rows), as two message lists that share the
+    prompt as their first messages (UltraFeedback), or as a chat column (sharegpt `conversations`)
+    with chosen and rejected as one message each (LLaMA-Factory); message rows go through the chat
+    template. Loss on each response and its end of turn."""
     instruction_field: str = "instruction"
     """alpaca: the column with the instruction (the user turn)."""
     input_field: str = "input"
@@ -75,6 +87,13 @@ class DataSpec(Strict):
     """alpaca: the optional column with earlier turns, a list of [instruction, response] pairs (trained too)."""
     messages_field: str | None = None
     """chat: the column with the messages; unset: 'messages' or 'conversations' (sharegpt), whichever a row has."""
+    tools_field: str = "tools"
+    """chat and preference: the optional column with the tools a conversation may call (a list of
+    JSON schemas, or that list as a JSON string), passed to the chat template as `tools`."""
+    chosen_field: str = "chosen"
+    """preference: the column with the chosen response (text, one message, or the whole conversation)."""
+    rejected_field: str = "rejected"
+    """preference: the column with the rejected response (the same form as chosen)."""
     packing: bool = False
     """finetune: lay the rows of each micro batch end to end in one sequence, without padding; each
     row attends only to itself and its positions restart at 0 (flash attention's variable-length
@@ -83,6 +102,7 @@ class DataSpec(Strict):
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     """Held-out share for evaluation (taken deterministically from the end after shuffling with the seed)."""
     eval_max_samples: int = Field(64, ge=1)
+    """At most this many held-out samples (rows, or pretrain blocks of seq_len tokens)."""
     # ---- weighted mixtures (harness/stages/mixture.py; the rank side: harness/worker/mixture.py) ----
     sources: list[DataSource] = []
     """Several data sets drawn by weight instead of files or hub, e.g. [{files: [web/*.jsonl.gz],
@@ -133,7 +153,9 @@ class MixSpec(Strict):
     """How a multistep stage draws its batches when it trains on both data sets."""
 
     pretrain: float = Field(0.5, ge=0, le=1)
+    """Share of steps that draw from the pretrain set."""
     finetune: float = Field(0.5, ge=0, le=1)
+    """Share of steps that draw from the finetune set; the two shares sum to 1."""
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> MixSpec:
@@ -146,6 +168,8 @@ class MultistepData(Strict):
     """Data of a multistep phase: both sets, and how stages mix them."""
 
     pretrain: DataSpec
+    """Text the pretrain objective reads (packed blocks of seq_len)."""
     finetune: DataSpec
+    """Rows the finetune objective reads (loss on responses only)."""
     mix: Literal["alternate"] | MixSpec = "alternate"
     """'alternate': steps alternate pretrain/finetune; or ratios, e.g. {pretrain: 0.7, finetune: 0.3}."""

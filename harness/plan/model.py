@@ -7,7 +7,9 @@ from pydantic import model_validator
 
 from harness.plan.fields import Strict
 
-# Llama-shaped configs small enough for CPU tests and the demo.
+BYTE_VOCAB = 259
+"""Tokens of the built-in byte tokenizer: 256 bytes and <pad>, <s>, </s> (harness/worker/model.py)."""
+# Llama-shaped configs small enough for CPU tests and the demo; their vocabulary is the tokenizer's.
 BUILTIN_CONFIGS = {
     "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import Field, create_model, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
@@ -14,16 +16,26 @@ from harness.plan.fields import NAME_PATTERN, Strict
 from harness.plan.model import ModelSpec
 from harness.plan.training import TrainSettings
 
-OBJECTIVE_KINDS = ("pretrain", "finetune")
+OBJECTIVE_KINDS = ("pretrain", "finetune", "preference")
 """Phase kinds that train one objective (each has its two halves in harness/objectives and
 harness/worker/objectives); a multistep phase alternates the pretrain and finetune objectives."""
+STAGE_SOURCES = ("pretrain", "finetune", "mix")
+
+
+def _stage_source(value: Any) -> Any:
+    if value is None or value in STAGE_SOURCES:
+        return value
+    raise ValueError("pretrain, finetune or mix: a multistep stage draws its batches from its phase's pretrain and finetune "
+                     "data sets (preference pairs train in a phase of their own, kind: preference)")
+
 
 class StageSettings(TrainSettings):
     """One stage of a multistep phase: its own optimizer, schedule and length."""
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
     """Suffix of the stage name; default: the optimizer type, lower case."""
-    data: Literal["pretrain", "finetune", "mix"] = "mix"
+    data: Annotated[Literal[STAGE_SOURCES], BeforeValidator(_stage_source)] = "mix"  # type: ignore[valid-type]
+    """Which of the phase's data sets the stage's steps draw from: pretrain, finetune, or mix (the phase's `mix`)."""
 
 
 def _overrides(model: type[Strict]) -> type[Strict]:
@@ -47,8 +59,14 @@ class PhaseSpec(TrainSettings):
     """One phase: a pretrain, finetune or multistep block of training."""
 
     name: str = Field(pattern=NAME_PATTERN)
+    """The phase's name, unique in the plan: its stages and their folders are named after it
+    (phases/<NN>-<name>/; a multistep phase's stages <name>.c1.s2-sgd-momentum and so on)."""
     kind: Literal[OBJECTIVE_KINDS + ("multistep",)]  # type: ignore[valid-type]
+    """pretrain: text packed into blocks of seq_len, loss on every token; finetune: prompt/response,
+    alpaca or chat rows (data.rows), loss on the responses only; multistep: cycles of stages, each
+    with its own optimizer, over a pretrain and a finetune set."""
     data: DataSpec | MultistepData
+    """What it trains on: one data set, or for a multistep phase {pretrain: ..., finetune: ..., mix: ...}."""
     cycles: int = Field(1, ge=1)
     """multistep: how many times the stage list repeats."""
     stages: list[StageOverride] = []
@@ -83,17 +101,24 @@ class PhaseSpec(TrainSettings):
 
 
 class Plan(Strict):
-    """A whole training run."""
+    """A whole training run. Besides these fields a plan may hold `defaults:`, any training settings
+    (TrainSettings); every phase starts from them, its own values merged over them."""
 
     name: str = Field(pattern=NAME_PATTERN)
+    """The run's name: in W&B group names and the SLURM job names."""
     model: ModelSpec
+    """The model the first phase starts from (each later phase starts from the one before)."""
     cluster: ClusterSpec = ClusterSpec()
+    """Where the phases run and how the launcher reaches the nodes."""
     wandb: WandbSpec = WandbSpec()
+    """Weights & Biases logging of every stage."""
     slurm: SlurmSpec = SlurmSpec()
+    """sbatch options for `harness submit`."""
     cache_dir: str | None = None
     """Where token stores are kept, shared by every run that names the same folder (default
     $XDG_CACHE_HOME/harness, i.e. ~/.cache/harness). Put it on a shared file system for multi-node runs."""
     phases: list[PhaseSpec] = Field(min_length=1)
+    """The phases, run in this order, each handing its model to the next."""
 
     @field_validator("phases")
     @classmethod

@@ -2,12 +2,12 @@
 ZeRO and offload, regularization, which parameters train, the fast path, evaluation, handoff."""
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from harness.plan.fields import Strict
+from harness.plan.trainable import TrainableSpec
 
 # Metrics of greedy generation on held-out fine-tune rows (scored in harness/objectives/task_metrics.py).
 MetricName = Literal["exact_match", "f1", "bleu", "chrf", "rouge"]
@@ -42,14 +42,24 @@ class OptimizerSpec(Strict):
     """One optimizer; only the parameters that its type takes are allowed."""
 
     type: str = "AdamW"
+    """AdamW, Adam, SGD, Adagrad, RMSprop, Lamb or Lion, spelled in any case (sgd, adamw). On CPU
+    Lamb and Lion need offload.optimizer (they fail on CPU in DeepSpeed 0.19.8)."""
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate; the scheduler shapes it, trainable.lr_scale and layer_decay scale it per group."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for AdamW); regularization with l2_mode weight_decay sets it instead."""
     betas: tuple[float, float] | None = None
+    """Adam, AdamW, Lamb, Lion: the moment coefficients; unset: the optimizer's own default."""
     eps: float | None = Field(None, gt=0)
+    """Adam, AdamW, Adagrad, Lamb, RMSprop: the denominator's epsilon; unset: the optimizer's own default."""
     momentum: float | None = Field(None, ge=0, lt=1)
+    """SGD, RMSprop: momentum; unset: none."""
     nesterov: bool | None = None
+    """SGD: Nesterov momentum (needs momentum > 0)."""
     dampening: float | None = Field(None, ge=0)
+    """SGD: dampening of the momentum."""
     alpha: float | None = Field(None, gt=0)
+    """RMSprop: the smoothing constant."""
 
     @model_validator(mode="before")
     @classmethod
@@ -84,10 +94,14 @@ class SchedulerSpec(Strict):
     """Learning-rate schedule; its length is computed from the phase's steps."""
 
     type: Literal["none", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle"] = "WarmupLR"
+    """DeepSpeed's schedulers. none: a constant lr; WarmupLR: a linear warmup, then constant;
+    WarmupDecayLR: the warmup, then a linear decay to 0; WarmupCosineLR: the warmup, then a cosine down
+    to min_lr_ratio; OneCycle: up to lr over the first half, down to min_lr_ratio x lr over the second.
+    Their length is the stage's steps (span: phase: the phase's)."""
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     """Fraction of the stage's steps spent warming up."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Cosine/decay floor as a fraction of the peak lr."""
+    """WarmupCosineLR's floor and OneCycle's lowest lr, as a fraction of the peak lr."""
     span: Literal["stage", "phase"] = "stage"
     """multistep: one schedule per stage, or one schedule across the whole phase (each stage
     continues it where the previous stage stopped)."""
@@ -110,6 +124,9 @@ class RegularizationSpec(Strict):
     l2: float = Field(0.0, ge=0)
     """Adds l2 * sum(w^2) to the loss (mode 'penalty'), or is the optimizer's weight_decay (mode 'weight_decay')."""
     l2_mode: Literal["penalty", "weight_decay"] = "penalty"
+    """penalty: l2 x sum(w^2) added to the loss (under ZeRO-3 each rank adds its shard's gradient and the
+    values are summed across ranks); weight_decay: l2 passed to the optimizer as its weight decay, on
+    the same parameters."""
     include_1d: bool = False
     """Also regularize biases and norm weights (1-D parameters), by penalty or as weight decay; off by default."""
 
@@ -117,64 +134,6 @@ class RegularizationSpec(Strict):
     def active(self) -> bool:
         return self.l1 > 0 or (self.l2 > 0 and self.l2_mode == "penalty")
 
-
-
-# A selector of parameters: a shortcut, a layer range, a regex, or a glob (see TrainableSpec).
-SELECTOR_SHORTCUTS = ("all", "embeddings", "head", "norms")
-LAYER_RANGE = re.compile(r"layers\[(-?\d*)(:(-?\d*))?\]")
-
-
-def _check_selector(selector: str) -> str:
-    """A selector whose syntax is valid (whether it matches parameters is checked with the model)."""
-    if selector.startswith("re:"):
-        try:
-            re.compile(selector[3:])
-        except re.error as error:
-            raise ValueError(f"a valid regular expression after 're:' ({error})") from None
-    elif selector.startswith("layers[") and ((match := LAYER_RANGE.fullmatch(selector)) is None or match[2] is None and not match[1]):
-        raise ValueError("a layer range like layers[:2] (first 2), layers[-2:] (last 2), layers[1:3] or layers[0]")
-    elif not selector.strip():
-        raise ValueError("a non-empty selector")
-    return selector
-
-
-Selector = Annotated[str, AfterValidator(_check_selector)]
-
-
-class TrainableSpec(Strict):
-    """Which parameters a phase (or a multistep stage) trains, and at what learning rate; every
-    other parameter is frozen for it (out of the optimizer, unchanged, no penalty). A selector is
-    one of: `all`; `embeddings` (token and position embeddings); `head` (the output head; on a model
-    with tied embeddings it is the shared matrix); `norms` (every normalization layer); `layers[a:b]`
-    (decoder layers by index, Python slice: layers[:2] first 2, layers[-2:] last 2, layers[3]);
-    `re:<regex>` (matched against the whole parameter name); anything else is a glob on the
-    parameter name (`*.mlp.*`). Shortcuts are found from the model itself (its embedding modules,
-    output embeddings, norm classes, decoder layer list), so they work for Llama, Qwen2, GPT-2 and
-    similar families. A selector that matches no parameter is a plan error that lists real names."""
-
-    train: list[Selector] = ["all"]
-    """Parameters that train: the union of these selectors."""
-    freeze: list[Selector] = []
-    """Parameters taken out of `train` again (e.g. train [all], freeze [embeddings])."""
-    lr_scale: dict[Selector, float] = {}
-    """Learning-rate multiplier per selector, e.g. {embeddings: 0.1}; a parameter may match one entry
-    at most. The stage's scheduler scales every group alike."""
-    layer_decay: float = Field(1.0, gt=0, le=1)
-    """Layer-wise lr decay: decoder layer k (1..L, from the bottom) trains at lr x layer_decay^(L-k),
-    the embeddings at lr x layer_decay^L, the head and final norm at lr. Multiplies lr_scale."""
-
-    @field_validator("lr_scale")
-    @classmethod
-    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in scales.items() if not v > 0}
-        if bad:
-            raise ValueError(f"multipliers > 0 (freeze a part with `freeze:` instead); got {bad}")
-        return scales
-
-    @property
-    def is_default(self) -> bool:
-        """Every parameter trains, in one group at the stage's lr."""
-        return self == TrainableSpec()
 
 
 class FastParts(Strict):
@@ -199,38 +158,96 @@ class FastParts(Strict):
     flash falls back to sdpa where flash-attn is missing or on CPU."""
 
 
+PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo"]
+# What each loss takes besides beta (PreferenceSpec): its own knob, None when the loss has none.
+LOSS_KNOBS = {"dpo": "label_smoothing", "ipo": None, "simpo": "gamma", "orpo": "orpo_lambda"}
+
+
+class PreferenceSpec(Strict):
+    """How a preference phase (kind: preference) trains on pairs of a chosen and a rejected response
+    to one prompt (harness/worker/objectives/preference.py has the formulas). pi(y) is the policy's
+    log-probability of a response (its tokens and end of turn), summed for dpo and averaged per
+    token for ipo, simpo and orpo (as TRL and LLaMA-Factory do); ref(y) the same under the weights
+    the phase starts from, computed once at its start (dpo and ipo only)."""
+
+    loss: PreferenceLoss = "dpo"
+    """dpo: -log sigmoid(beta x), x = (pi(chosen) - ref(chosen)) - (pi(rejected) - ref(rejected)) (sigmoid
+    DPO, Rafailov et al. 2023); ipo: (x - 1 / (2 beta))^2 on per-token averages (Azar et al. 2023);
+    simpo: -log sigmoid(beta (pi(chosen) - pi(rejected)) - gamma), reference-free, length-normalised
+    (Meng et al. 2024); orpo: -pi(chosen) + orpo_lambda x -log sigmoid(log odds(chosen) - log odds(rejected)),
+    reference-free, with the chosen response's SFT term (Hong et al. 2024)."""
+    beta: float = Field(0.1, gt=0)
+    """The inverse temperature of dpo, ipo and simpo; the logged rewards are beta x the log-ratios (dpo,
+    ipo) or beta x pi (simpo, orpo)."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    """dpo only: the assumed share of flipped labels (conservative DPO, cDPO): the loss becomes
+    (1 - e) x -log sigmoid(beta x) + e x -log sigmoid(-beta x). Default 0 (plain DPO)."""
+    gamma: float | None = Field(None, ge=0)
+    """simpo only: the target reward margin (TRL's simpo_gamma). Default 0.5."""
+    orpo_lambda: float | None = Field(None, gt=0)
+    """orpo only: the weight of the odds-ratio term against the SFT term (TRL's ORPO beta). Default 0.1."""
+
+    @model_validator(mode="after")
+    def _knobs_fit_loss(self) -> PreferenceSpec:
+        given = [knob for knob in ("label_smoothing", "gamma", "orpo_lambda") if getattr(self, knob) is not None]
+        wrong = [knob for knob in given if knob != LOSS_KNOBS[self.loss]]
+        if wrong:
+            takes = LOSS_KNOBS[self.loss]
+            raise ValueError(f"{self.loss} does not take {wrong}; it takes beta{f' and {takes}' if takes else ''} "
+                             f"({', '.join(f'{knob}: {loss}' for loss, knob in LOSS_KNOBS.items() if knob)})")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """dpo and ipo compare with the start weights' log-probabilities; simpo and orpo need none."""
+        return self.loss in ("dpo", "ipo")
+
+    def knob(self, name: str) -> float:
+        """label_smoothing, gamma or orpo_lambda, with its default when unset."""
+        value = getattr(self, name)
+        return {"label_smoothing": 0.0, "gamma": 0.5, "orpo_lambda": 0.1}[name] if value is None else value
+
+
 def _micro_batch(value: Any) -> Any:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
     raise ValueError("a whole number >= 1, or auto (the largest that fits, found at the stage's start)")
 
 
-def _fast(value: Any) -> Any:
-    """A mapping is read as FastParts here, so a misspelt part gets one error, not one per form."""
-    if value in ("auto", "off") or isinstance(value, FastParts):
-        return value
-    if isinstance(value, dict):
-        try:
-            return FastParts.model_validate(value)
-        except ValidationError as error:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-                             + " (parts: compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)") from None
-    raise ValueError("auto, off, or a mapping of parts (compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)")
+def _word_or_block(block: type[Strict], words: tuple[str, ...], keys: str) -> Any:
+    """A validator for `word | block` fields: a mapping is read as `block` here, so a misspelt key gets
+    one error naming the keys (e.g. 'parts (compile: true/false, ...)'), not one per form of the union."""
+    def validate(value: Any) -> Any:
+        if value in words or isinstance(value, block):
+            return value
+        if isinstance(value, dict):
+            try:
+                return block.model_validate(value)
+            except ValidationError as error:
+                raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()) + f"; the {keys}") from None
+        raise ValueError(f"{', '.join(words)}, or a mapping of {keys}")
+
+    return validate
 
 
 MicroBatch = Annotated[int | Literal["auto"], BeforeValidator(_micro_batch)]
-Fast = Annotated[Literal["auto", "off"] | FastParts, BeforeValidator(_fast)]
+Offload = Annotated[Literal["auto"] | OffloadSpec, BeforeValidator(_word_or_block(OffloadSpec, ("auto",), "keys (optimizer, params: true/false)"))]
+Fast = Annotated[Literal["auto", "off"] | FastParts, BeforeValidator(_word_or_block(
+    FastParts, ("auto", "off"), "parts (compile, deepcompile, liger: true/false; attention: auto/sdpa/flash/eager)"))]
 
 
 class TrainSettings(Strict):
     """Settings a phase (and a multistep stage) may set; unset ones come from defaults."""
 
     steps: int | None = Field(None, ge=1)
+    """Length in optimizer steps. A phase (or stage) gives steps, tokens, or (finetune, local files)
+    epochs; when it gives several, steps wins, then tokens."""
     epochs: float | None = Field(None, gt=0)
     """finetune only: passes over the training rows."""
     tokens: int | None = Field(None, ge=1)
     """Token budget: steps = ceil(tokens / (global_batch * seq_len))."""
     seq_len: int = Field(128, ge=8)
+    """Tokens per sample: pretrain text is packed into blocks of seq_len; fine-tune rows are cut to it."""
     micro_batch: MicroBatch = 4
     """Samples per forward on each rank; `auto`: the largest that fits, found by a short probe at
     the stage's start (harness/worker/batch_probe.py), with global_batch kept by the accumulation
@@ -240,14 +257,32 @@ class TrainSettings(Strict):
     (micro_batch auto needs it given)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload: OffloadSpec = OffloadSpec()
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel; 1 optimizer states partitioned across ranks; 2
+    gradients too; 3 parameters too (the model is built partitioned). It may change between phases.
+    auto: the lowest whose per-rank memory estimate fits with a 10% margin (lower stages communicate
+    less; harness/stages/fit.py). `harness plan` shows the estimate and the choice."""
+    offload: Offload = OffloadSpec()
+    """ZeRO offload of optimizer states (and parameters at ZeRO-3) to CPU memory; auto: none, unless no
+    configuration the plan allows fits without it: then the optimizer's, then also the parameters'."""
+    activation_checkpointing: Literal["off", "full", "selective", "auto"] = "off"
+    """Recompute decoder layers' activations in the backward instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): full, every layer; selective, every
+    activation_checkpointing_every-th layer; auto: off unless the stage's estimate does not fit
+    without it (then full). Same loss and gradients, about a third more compute."""
+    activation_checkpointing_every: int = Field(2, ge=2)
+    """selective: checkpoint layers 0, k, 2k, ... (k = this); the others keep their activations."""
     optimizer: OptimizerSpec = OptimizerSpec()
+    """The optimizer. A block of another type than the one it overrides (in defaults, or a multistep
+    stage's phase) replaces that block instead of merging into it."""
     scheduler: SchedulerSpec = SchedulerSpec()
+    """The learning-rate schedule."""
     regularization: RegularizationSpec = RegularizationSpec()
+    """L1 and L2 penalties."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clipping; 0 turns it off (DeepSpeed 0.19.8 defaults to 1.0 if unset)."""
     checkpoint_every: int = Field(50, ge=1)
+    """Save a DeepSpeed checkpoint every n optimizer steps (the stage's end always saves one, with its handoff)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete DeepSpeed checkpoints kept per stage: older ones are deleted once a newer one is
     complete. The newest is what a resume and the next stage's full_state load use."""
@@ -258,7 +293,9 @@ class TrainSettings(Strict):
     """Largest safetensors file of the handoff model; more weights go to several files plus
     model.safetensors.index.json. Writing streams tensor by tensor, so this costs no memory."""
     eval_every: int = Field(50, ge=1)
+    """Evaluate on the held-out data every n steps, and at the stage's last step."""
     eval_batches: int = Field(4, ge=1)
+    """Held-out micro batches per evaluation's loss, at most."""
     eval_on_start: bool = False
     """Also evaluate before the stage's first step (logged as stage_step 0): what the previous stage
     handed over, e.g. a task metric after pretraining next to the same metric after fine-tuning.
@@ -281,7 +318,10 @@ class TrainSettings(Strict):
     rank (parameters x bytes per parameter of the training dtype: 4 in fp32, 2 in bf16) on top of
     the rank's shards; false keeps ZeRO-3's partitioned memory for a model that fits only that way."""
     log_every: int = Field(1, ge=1)
+    """Log a train row every n steps to metrics.jsonl and W&B (which wandb.log_every thins further);
+    eval steps and the last step always log."""
     seed: int = 1234
+    """Seeds the model's random init, the held-out split and the order of the samples."""
     nodes: int | None = Field(None, ge=1)
     """Override cluster.nodes for this phase (world size may change between phases)."""
     procs_per_node: int | None = Field(None, ge=1)
@@ -293,6 +333,9 @@ class TrainSettings(Strict):
     # ---- what trains (issue 10) ----
     trainable: TrainableSpec = TrainableSpec()
     """Which parameters train and their learning-rate groups (see TrainableSpec); default: all, one group."""
+    preference: PreferenceSpec = PreferenceSpec()
+    """kind preference only: the loss and its settings (see PreferenceSpec); micro_batch and
+    global_batch count pairs there (each pair is two sequences in one forward)."""
     deepspeed: dict[str, Any] = {}
     """Raw DeepSpeed config merged last over the generated one, or the path of a DeepSpeed JSON file
     (relative to the plan; read at load), e.g. LLaMA-Factory's or axolotl's ds_z3_config.json.
@@ -309,6 +352,8 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _offload_fits_zero(self) -> TrainSettings:
+        if self.offload == "auto" or self.zero_stage == "auto":  # auto tries only the combinations that work
+            return self
         if self.offload.optimizer and self.zero_stage == 0:
             raise ValueError("offload.optimizer needs zero_stage >= 1")
         if self.offload.params and self.zero_stage != 3:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.records.files import Record
+from harness.records.memory import MemoryEstimate
 
 class RankRecord(Record):
     """ranks/rank<N>.json: where a rank runs, so the launch side ends exactly these processes."""
@@ -31,6 +32,10 @@ class MemoryRecord(Record):
     rss_bytes: int
     host_memory_bytes: int | None
     milestones: dict[str, dict[str, Any]]
+    estimate_bytes: int | None = None
+    """The stage's per-rank estimate (stage.json's memory plan, harness/stages/memory.py), to read
+    against peak_rss_bytes on cpu and gpu_peak_bytes on cuda; None when the stage had none."""
+    estimate: MemoryEstimate | None = None
 
 
 

@@ -12,6 +12,8 @@
         checkpoints/            DeepSpeed checkpoints (tags "step<N>"), for resuming this stage;
                                 a tag counts once rank 0 wrote step<N>/complete after every rank saved
         model/                  consolidated Hugging Face model: the handoff to the next stage
+                                (with an adapter: the base merged with it)
+        adapter/                an adapter stage's peft adapter folder (PeftModel.from_pretrained)
         metrics.jsonl           one JSON line per logged step (rank 0)
         started.json            how the stage started (load mode, start digests), and each resume
         manifest.json           written last, atomically: the stage is done when it is valid
@@ -82,6 +84,11 @@ class StageDir:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+    @property
+    def adapter(self) -> Path:
+        """An adapter stage's adapter folder (peft's adapter_config.json + adapter_model.safetensors)."""
+        return self.root / "adapter"
 
     @property
     def metrics(self) -> Path:

@@ -7,9 +7,10 @@ import json
 from typing import Any, Literal
 
 from harness.records.checkpoints import MANIFEST_FORMAT, SAMPLE_ORDER_CHANGE, LoadRecord, ResumeRecord
-from harness.records.engine import EngineIdentity
+from harness.records.engine import Adapter, EngineIdentity
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files
 from harness.records.layout import StageDir
+from harness.records.memory import MemoryPlan
 
 class GroupRecord(Record):
     """One optimizer parameter group as it trained."""
@@ -39,6 +40,8 @@ class TrainableRecord(Record):
     frozen_digest_start: str
     frozen_digest_end: str
     """Digest of the frozen parameters ('none' when nothing is frozen), gathered from the engine."""
+    adapter: Adapter | None = None
+    """The adapter trained on the frozen base (its matrices and copies are the trained parameters)."""
 
 
 
@@ -48,6 +51,8 @@ class FastRecord(Record):
     compile: Literal["off", "engine", "deepcompile"]
     liger: bool
     attention: str
+    activation_checkpointing: str = "off"
+    """Decoder layers recomputed in the backward as the stage ran: off, full, or 'selective (every k)'."""
     fallbacks: dict[str, str] = {}
     """Part -> why it was turned off as the stage started (each also a warning line on the console)."""
     notes: list[str] = []
@@ -97,6 +102,19 @@ class SourceDraw(Record):
     """Epochs of the source drawn in all by the stage's end: over 1, it was repeated (up-sampled)."""
 
 
+class ReferenceRecord(Record):
+    """A preference stage's reference log-probabilities (dpo, ipo): where they are, and whether this
+    attempt of the stage computed them from its start weights or read them (harness/worker/objectives/preference.py)."""
+
+    file: str
+    """The .npy beside the token store (records.token_store.reference_file)."""
+    pairs: int
+    reused: bool
+    """Read from the file (computed by an earlier attempt, or another stage with the same data and start)."""
+    seconds: float
+    """The time it took: the ranks' forwards over every pair, or reading the file."""
+
+
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
@@ -137,6 +155,11 @@ class Manifest(Record):
     """The fast path as it ran (None: a manifest written without one)."""
     batch: BatchRecord | None = None
     """The micro batch and accumulation steps the stage trained with (None: written without one)."""
+    memory: MemoryPlan | None = None
+    """The memory the launch side planned: the per-rank estimate, the memory of a rank, and each
+    `auto` setting's choice with its reason (None: no estimate, or written without one)."""
+    reference: ReferenceRecord | None = None
+    """A dpo or ipo stage's reference log-probabilities (None: other stages)."""
     data_mix: dict[str, list[SourceDraw]] = {}
     """Per data set that is a weighted mixture (by objective kind): what each source gave, in source order."""
 

@@ -7,6 +7,8 @@
       loss_mask.bin     for objectives with one (fine-tune), uint8 per token (aligned with tokens.bin):
                         0 no loss (prompt, system and user turns, template text), 1 a response's
                         content, 2 the end of a response (end-of-sequence, or the end-of-turn marker)
+      reference/        preference stores: reference log-probabilities per pair, one file per start
+                        weights (reference_file), written by a stage's rank 0 after the store was built
 
 Each objective says what a row is (harness/objectives/): a pretrain row is one document followed
 by end-of-sequence; a fine-tune row is prompt + response + end-of-sequence, or a conversation
@@ -51,6 +53,13 @@ TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_
 PIECE_PLAN = "plan.json"
 PIECE_META = "piece.json"
 DATA_PROBLEM_EXIT = 2  # the builder's exit code for a problem in the data (missing column, unreachable hub set)
+
+
+def reference_file(store: Path, weights_digest: str, seq_len: int, precision: str) -> Path:
+    """The reference log-probabilities of a preference store's pairs under weights of this digest,
+    rows cut to seq_len, forwards in this precision: float64 [pairs, 2] (chosen, rejected), each the
+    sum over its response's trained tokens (harness/worker/objectives/preference.py)."""
+    return store / "reference" / f"{weights_digest}-len{seq_len}-{precision}.npy"
 
 
 class StoreRequest(BaseModel):

@@ -57,7 +57,7 @@ def _generated_config(stage: Stage) -> dict[str, Any]:
         "zero_optimization": _zero_block(stage),
         "optimizer": _optimizer_block(stage),
     }
-    if s.optimizer.type not in DEEPSPEED_OPTIMIZERS and s.zero_stage >= 1:
+    if s.optimizer.type not in DEEPSPEED_OPTIMIZERS and stage.zero_stage >= 1:
         config["zero_allow_untested_optimizer"] = True
     if stage.fast.compile == "deepcompile":
         config["compile"] = {"deepcompile": True}  # engine.compile() (harness/worker/fast.py) then uses it
@@ -148,13 +148,12 @@ def _json_type(value: Any) -> str:
 
 
 def _zero_block(stage: Stage) -> dict[str, Any]:
-    s = stage.settings
-    block: dict[str, Any] = {"stage": s.zero_stage}
-    if s.offload.optimizer:
+    block: dict[str, Any] = {"stage": stage.zero_stage}
+    if stage.offload.optimizer:
         block["offload_optimizer"] = {"device": "cpu", "pin_memory": stage.accelerator == "cuda"}
-    if s.offload.params:
+    if stage.offload.params:
         block["offload_param"] = {"device": "cpu", "pin_memory": stage.accelerator == "cuda"}
-    if s.zero_stage == 3:
+    if stage.zero_stage == 3:
         # Gather 16-bit weights on save, so a plain state dict exists for the handoff.
         block["stage3_gather_16bit_weights_on_model_save"] = True
         if stage.model_shape is not None:
@@ -193,7 +192,7 @@ def _optimizer_block(stage: Stage) -> dict[str, Any]:
     if s.optimizer.type in ("Adam", "AdamW"):
         # DeepSpeed's Adam is AdamW unless told otherwise (adam_w_mode defaults to True).
         params["adam_w_mode"] = s.optimizer.type == "AdamW"
-        if stage.accelerator == "cpu" and not s.offload.optimizer:
+        if stage.accelerator == "cpu" and not stage.offload.optimizer:
             # FusedAdam would JIT-build a CUDA-style op (~60 s on CPU); torch's Adam is exact.
             params["torch_adam"] = True
     if "betas" in params:

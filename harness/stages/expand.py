@@ -12,12 +12,15 @@ from typing import Any, Callable, Literal
 
 from harness.objectives import OBJECTIVES
 from harness.plan import CPU_UNSUPPORTED_OPTIMIZERS, DataSpec, MultistepData, PhaseSpec, Plan, PlanError, Problem, TrainSettings
-from harness.stages import fast, trainable
+from harness.records import Adapter
+from harness.stages import fast, fit, trainable
+from harness.stages.adapter import resolve_adapter
 from harness.stages.params import ParamTable
 from harness.stages.stage import ModelShape, Stage, StageData, model_shape
 
 RowCounter = Callable[[DataSpec], int]
-ParamLister = Callable[[], ParamTable]
+ParamLister = Callable[[Adapter | None], ParamTable]
+"""The model's parameter table, or that of the model with an adapter applied."""
 
 
 @dataclass(frozen=True)
@@ -30,20 +33,23 @@ class Resolving:
     shape: ModelShape | None
     local_gpus: int | None
     model_params: ParamLister | None
+    machine: fit.MachineMemory | None
 
 
 def expand_stages(plan: Plan, accelerator: Literal["cpu", "cuda"], count_train_rows: RowCounter, model_config: dict[str, Any],
                   local_gpus: int | None = None, model_params: ParamLister | None = None, *,
-                  wandb_mode: Literal["online", "offline", "disabled"]) -> list[Stage]:
+                  wandb_mode: Literal["online", "offline", "disabled"], machine: fit.MachineMemory | None = None) -> list[Stage]:
     """Every stage of the plan, in order (model_config: the model's config.json; local_gpus: the GPUs
     of this machine, which a local launch on cuda must not exceed, None when unknown or irrelevant;
-    model_params: the model's parameters, asked for only when a stage's trainable set needs them;
-    wandb_mode: the plan's W&B mode as resolved on the launch side, harness/launch/wandb_mode.py).
-    Raises PlanError naming the field on a rule that needs the resolved numbers (batch split, rows,
-    device support, trainable selectors)."""
+    model_params: the model's parameters (with an adapter applied, when given one), asked for only
+    when a stage's trainable set needs them;
+    wandb_mode: the plan's W&B mode as resolved on the launch side, harness/launch/wandb_mode.py;
+    machine: the memory of the machine that runs harness plan, harness/launch/hosts.py, None when
+    unknown). Raises PlanError naming the field on a rule that needs the resolved numbers (batch
+    split, rows, device support, trainable selectors, memory: harness/stages/fit.py)."""
     stages: list[Stage] = []
     problems: list[Problem] = []
-    context = Resolving(accelerator, wandb_mode, _counted_once(count_train_rows), model_shape(model_config), local_gpus, model_params)
+    context = Resolving(accelerator, wandb_mode, _counted_once(count_train_rows), model_shape(model_config), local_gpus, model_params, machine)
     for i, phase in enumerate(plan.phases):
         phase_stages = []
         for name, settings, data, where in _phase_parts(phase):
@@ -132,7 +138,7 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
         if settings.global_batch % world:
             raise _StageProblem("global_batch", settings.global_batch, f"a multiple of the world size ({world}) with micro_batch auto")
         candidates = fast.micro_batch_candidates(settings.global_batch, world)
-    micro_batch = candidates[-1] if candidates else settings.micro_batch
+    micro_batch = candidates[-1] if candidates else settings.micro_batch  # the largest: every candidate divides the global batch
     per_step = micro_batch * world
     global_batch = settings.global_batch or per_step
     if global_batch % per_step:
@@ -146,7 +152,7 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
         precision = "bf16" if accelerator == "cuda" else "fp32"
     if accelerator == "cpu" and precision == "fp16":
         raise _StageProblem("precision", "fp16", "fp32 or bf16 on CPU (fp16 fails on CPU in DeepSpeed 0.19.8)")
-    if accelerator == "cpu" and settings.optimizer.type in CPU_UNSUPPORTED_OPTIMIZERS and not settings.offload.optimizer:
+    if accelerator == "cpu" and settings.optimizer.type in CPU_UNSUPPORTED_OPTIMIZERS and (settings.offload == "auto" or not settings.offload.optimizer):
         raise _StageProblem("optimizer.type", settings.optimizer.type, "on CPU: Adam, AdamW, Adagrad, SGD, RMSprop (Lamb/Lion fail on CPU in DeepSpeed 0.19.8)")
     rows_kind, row_spec = _row_set(data)
     local = row_spec is not None and all(one.hub is None for one, _ in row_spec.weighted_sets())
@@ -159,10 +165,18 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
     if trainable.needs_resolving(settings):
         if context.model_params is None:
             raise _StageProblem("trainable", settings.trainable.model_dump(), "the default (every parameter) here: no parameter list was given")
-        trainable_set, trainable_problems = trainable.resolve(settings, context.model_params())
+        table, adapter = context.model_params(None), None
+        if settings.trainable.adapter is not None:
+            adapter, adapter_problems = resolve_adapter(settings.trainable.adapter, table, accelerator)
+            if adapter_problems:
+                raise _StageProblem(*adapter_problems[0], *adapter_problems[1:])
+            table = context.model_params(adapter)
+        trainable_set, trainable_problems = trainable.resolve(settings, table, adapter)
         if trainable_problems:
             raise _StageProblem(*trainable_problems[0], *trainable_problems[1:])
-    return Stage(
+    # The memory settings (harness/stages/fit.py): the plan's, or for an `auto` the first allowed, settled below.
+    first = fit.allowed(settings, candidates[0] if candidates else micro_batch)[0]
+    stage = Stage(
         index=index,
         name=name,
         phase=phase.name,
@@ -180,17 +194,24 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
         procs_per_node=procs,
         steps=steps,
         phase_steps=steps,
-        micro_batch=micro_batch,
+        micro_batch=first.micro_batch,
         micro_batch_candidates=candidates,
-        grad_accum=global_batch // per_step,
+        grad_accum=global_batch // (first.micro_batch * world),
         global_batch=global_batch,
         precision=precision,
         handoff_dtype=settings.handoff_dtype if settings.handoff_dtype != "auto" else ("bf16" if accelerator == "cuda" else "fp32"),
         settings=settings,
         data=data,
-        fast=fast.resolve(settings, accelerator, precision, packed_rows=data.packs_rows),
+        fast=fast.resolve(settings, accelerator, precision, packed_rows=data.packs_rows, zero_stage=first.zero_stage),
         trainable=trainable_set,
+        zero_stage=first.zero_stage,
+        offload=first.offload,
+        activation_checkpointing=first.checkpointing,
     )
+    stage, memory_problems = fit.settle(stage, fit.rank_memory(plan.cluster, accelerator, procs, context.machine))
+    if memory_problems:
+        raise _StageProblem(*memory_problems[0], *memory_problems[1:])
+    return stage
 
 
 def _row_set(data: StageData) -> tuple[str | None, DataSpec | None]:

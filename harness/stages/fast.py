@@ -45,17 +45,17 @@ class FastChoice(Strict):
         return parts + (["liger"] if self.liger else []) + [self.attention]
 
 
-def resolve(settings: TrainSettings, accelerator: Literal["cpu", "cuda"], precision: str, packed_rows: bool) -> FastChoice:
+def resolve(settings: TrainSettings, accelerator: Literal["cpu", "cuda"], precision: str, packed_rows: bool, zero_stage: int) -> FastChoice:
     """The parts a stage turns on: `fast: auto` takes AUTO for the accelerator, `off` nothing but
-    SDPA, a mapping the parts it names; parts this accelerator or ZeRO stage cannot run are off,
-    with a note."""
+    SDPA, a mapping the parts it names; parts this accelerator or ZeRO stage (the stage's, resolved)
+    cannot run are off, with a note."""
     asked = {"auto": AUTO[accelerator], "off": OFF}.get(settings.fast, settings.fast)  # type: ignore[call-overload]
     notes = []
     compile_mode = "deepcompile" if asked.deepcompile else "engine" if asked.compile else "off"
     if compile_mode == "deepcompile" and accelerator == "cpu":
         compile_mode = "engine"
         notes.append("deepcompile: DeepSpeed runs DeepCompile on CUDA only; engine.compile() without it")
-    elif compile_mode == "deepcompile" and settings.zero_stage == 0:
+    elif compile_mode == "deepcompile" and zero_stage == 0:
         compile_mode = "engine"
         notes.append("deepcompile: it schedules ZeRO's communication and needs zero_stage >= 1; engine.compile() without it")
     liger = asked.liger

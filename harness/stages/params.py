@@ -8,7 +8,8 @@ in checkpoint files would not do: GPT-2's hub files lack the `transformer.` pref
 stored once or not at all, buffers are stored too, and transformers renames keys as it loads.
 The roles the trainable shortcuts select come from the model itself (its nn.Embedding modules,
 its output embeddings, its norm classes, its decoder layer list), so they hold for Llama, Qwen2,
-GPT-2 and similar families.
+GPT-2 and similar families. A stage with an adapter is resolved against the table of the model
+with the adapter applied (peft's wrapper on the meta device): its real names and counts.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class ParamInfo(BaseModel):
     """embedding (an nn.Embedding), head (the output embeddings; a tied matrix is both), norm."""
     layer: int | None = None
     """Index in the decoder layer list (0-based), None outside it."""
+    linear: bool = False
+    """It belongs to an nn.Linear: a layer LoRA can adapt (trainable.adapter.targets)."""
+    adapter: bool = False
+    """The adapter added it and trains it (LoRA matrices, modules_to_save copies): in the table of
+    a model with its adapter applied (harness/jobs/param_table.py)."""
 
     @property
     def numel(self) -> int:

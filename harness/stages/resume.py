@@ -27,6 +27,7 @@ from typing import Any
 
 from harness.plan import PlanError
 from harness.records import CHECKPOINT_COMPLETE, CheckpointRecord, InvalidRecord, ResumePoint, StageDir, damaged_files, differences
+from harness.records import Adapter, adapter_text
 from harness.stages.stage import Stage, engine_identity
 
 # ds_to_universal's ZeRO-3 loader knows Adam's state names only (DeepSpeed 0.19.8).
@@ -87,6 +88,8 @@ def _load_mode(stage: Stage, stage_dir: StageDir, tag: str, record: CheckpointRe
 
 
 def _change(values: tuple[Any, Any]) -> str:
+    if any(isinstance(v, Adapter) for v in values):
+        return f"{adapter_text(values[0])} -> {adapter_text(values[1])}"
     return f"{values[0]} -> {values[1]}"
 
 

@@ -8,8 +8,9 @@ import math
 from typing import Any, Literal
 
 from harness.objectives import OBJECTIVES
-from harness.plan import ClusterSpec, DataSpec, MixSpec, ModelSpec, SlurmSpec, Strict, TrainSettings, WandbSpec
+from harness.plan import BYTE_VOCAB, ClusterSpec, DataSpec, MixSpec, ModelSpec, OffloadSpec, SlurmSpec, Strict, TrainSettings, WandbSpec
 from harness.records import EngineIdentity, Record, ResumePoint, StartDecision
+from harness.records.memory import MemoryPlan
 from harness.stages.fast import FastChoice
 from harness.stages.mixture import MixPlan, mix_plan
 from harness.stages.trainable import TrainableSet
@@ -55,23 +56,38 @@ class StageData(Strict):
 
 
 class ModelShape(Strict):
-    """What the config builder needs of the model's architecture (from its config.json)."""
+    """What the config builder and the memory estimate need of the model's architecture (from its config.json)."""
 
     hidden_size: int
     layer_params: int
     """Parameters of one decoder layer (attention + MLP)."""
+    num_layers: int
+    num_heads: int
+    kv_width: int
+    """Width of the keys (and of the values): key-value heads x head size."""
+    intermediate_size: int
+    vocab_size: int
+    params: int
+    """Every parameter: embeddings, decoder layers with their norms, the final norm, the output head unless tied."""
 
 
 def model_shape(config: dict[str, Any]) -> ModelShape | None:
     """The shape of a Hugging Face model config (Llama-style names; GPT-2's n_embd/n_inner too);
-    None when the config names no hidden size."""
+    None when the config names no hidden size. A config without vocab_size is a built-in's, sized to
+    the byte tokenizer unless the launch side added the tokenizer's size."""
     hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
     if not isinstance(hidden, int):
         return None
     intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
     heads = config.get("num_attention_heads") or config.get("n_head") or 1
     kv_width = (config.get("num_key_value_heads") or heads) * (config.get("head_dim") or hidden // heads)
-    return ModelShape(hidden_size=hidden, layer_params=2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * intermediate)
+    layer_params = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * intermediate
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 1
+    vocab = config.get("vocab_size") or BYTE_VOCAB
+    tied = config.get("tie_word_embeddings", "n_embd" in config)  # GPT-2 configs leave it to the default, True
+    params = vocab * hidden * (1 if tied else 2) + layers * (layer_params + 2 * hidden) + hidden
+    return ModelShape(hidden_size=hidden, layer_params=layer_params, num_layers=layers, num_heads=heads, kv_width=kv_width,
+                      intermediate_size=intermediate, vocab_size=vocab, params=params)
 
 
 class Stage(Strict):
@@ -119,6 +135,17 @@ class Stage(Strict):
     trainable: TrainableSet | None = None
     """The parameters it trains, in optimizer groups (harness/stages/trainable.py); None: every
     parameter, one group at the optimizer's lr (the default, resolved without reading the model)."""
+    zero_stage: int
+    """The ZeRO stage it runs: the plan's, or what zero_stage auto chose (memory.decisions says why).
+    Read this, never settings.zero_stage, which may be 'auto'."""
+    offload: OffloadSpec
+    """The offload it runs: the plan's, or what offload auto chose. Read this, not settings.offload."""
+    activation_checkpointing: Literal["off", "full", "selective"] = "off"
+    """Decoder layers recomputed in the backward: none, all, or every settings.activation_checkpointing_every-th
+    (the plan's, or what activation_checkpointing auto chose)."""
+    memory: MemoryPlan | None = None
+    """The per-rank memory estimate of this configuration, the memory a rank has, and the choices the
+    estimate made (harness/stages/fit.py); None when the model's config gives no shape to estimate from."""
 
     @property
     def world_size(self) -> int:
@@ -128,13 +155,20 @@ class Stage(Strict):
     def optimizer_type(self) -> str:
         return self.settings.optimizer.type
 
+    @property
+    def recompute_every(self) -> int:
+        """activation_checkpointing as a layer stride: every k-th decoder layer is recomputed (1:
+        full), 0: none."""
+        return {"off": 0, "full": 1, "selective": self.settings.activation_checkpointing_every}[self.activation_checkpointing]
+
 
 def engine_identity(stage: Stage) -> EngineIdentity:
     """The engine a stage trains with, as its checkpoints and manifest record it."""
-    s, chosen = stage.settings, stage.trainable
-    return EngineIdentity(optimizer=stage.optimizer_type, zero_stage=s.zero_stage, world_size=stage.world_size, dtype=stage.precision,
-                          offload=s.offload, model=stage.model, trained=chosen.trained() if chosen else "all",
-                          layout=chosen.layout() if chosen else "all", trainable_params=chosen.trainable_params if chosen and chosen.frozen else None)
+    chosen = stage.trainable
+    return EngineIdentity(optimizer=stage.optimizer_type, zero_stage=stage.zero_stage, world_size=stage.world_size, dtype=stage.precision,
+                          offload=stage.offload, model=stage.model, trained=chosen.trained() if chosen else "all",
+                          layout=chosen.layout() if chosen else "all", trainable_params=chosen.trainable_params if chosen and chosen.frozen else None,
+                          adapter=chosen.adapter if chosen else None)
 
 
 class StageFile(Record):

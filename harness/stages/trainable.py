@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from harness.plan import LAYER_RANGE, RegularizationSpec, Strict, TrainableSpec, TrainSettings
-from harness.records import GroupRecord, TrainableRecord
+from harness.records import Adapter, GroupRecord, TrainableRecord
 from harness.stages.params import ParamInfo, ParamTable
 
 NAMES_SHOWN = 16  # real parameter names listed in a "matches nothing" problem
@@ -44,7 +44,13 @@ class TrainableSet(Strict):
     groups: list[ParamGroup]
     frozen: list[str]
     trainable_params: int
+    """Trained elements: what holds gradients and optimizer state (with an adapter: its matrices and modules_to_save copies)."""
     total_params: int
+    """Elements of the model as it trains (with an adapter: the base plus what the adapter adds)."""
+    adapter: Adapter | None = None
+    """The adapter trained on the frozen base (harness/stages/adapter.py); None: the model's own parameters train."""
+    added_params: int = 0
+    """Elements the adapter adds (its matrices, modules_to_save copies): total_params - added_params is the base."""
 
     @property
     def share(self) -> float:
@@ -66,7 +72,7 @@ class TrainableSet(Strict):
 
 def needs_resolving(settings: TrainSettings) -> bool:
     """Whether the stage's optimizer groups depend on parameter names: a trainable spec other than
-    the default, or weight decay from the regularization that skips 1-D parameters."""
+    the default (an adapter among them), or weight decay from the regularization that skips 1-D parameters."""
     return not settings.trainable.is_default or _splits_decay(settings.regularization)
 
 
@@ -97,8 +103,10 @@ def selected(selector: str, table: ParamTable) -> list[ParamInfo]:
     return [p for p in table.params if fnmatch.fnmatchcase(p.name, selector)]
 
 
-def resolve(settings: TrainSettings, table: ParamTable) -> tuple[TrainableSet | None, list[tuple[str, Any, str]]]:
-    """The stage's trainable set, or None and its problems as (field under the stage's block, value, allowed)."""
+def resolve(settings: TrainSettings, table: ParamTable, adapter: Adapter | None = None) -> tuple[TrainableSet | None, list[tuple[str, Any, str]]]:
+    """The stage's trainable set, or None and its problems as (field under the stage's block, value,
+    allowed). With an adapter, `table` is the model's with the adapter applied: what the adapter
+    added trains (the plan's train and freeze keep their defaults), lr_scale and layer_decay group it."""
     spec = settings.trainable
     problems = []
 
@@ -108,8 +116,11 @@ def resolve(settings: TrainSettings, table: ParamTable) -> tuple[TrainableSet | 
             problems.append((field, selector, f"a selector that matches parameters of this model ({_some_names(table)})"))
         return found
 
-    trained = {p.name for k, s in enumerate(spec.train) for p in pick(f"trainable.train[{k}]", s)}
-    trained -= {p.name for k, s in enumerate(spec.freeze) for p in pick(f"trainable.freeze[{k}]", s)}
+    if adapter is not None:
+        trained = {p.name for p in table.params if p.adapter}
+    else:
+        trained = {p.name for k, s in enumerate(spec.train) for p in pick(f"trainable.train[{k}]", s)}
+        trained -= {p.name for k, s in enumerate(spec.freeze) for p in pick(f"trainable.freeze[{k}]", s)}
     scale_of: dict[str, tuple[str, float]] = {}
     for selector, scale in spec.lr_scale.items():
         found = pick(f"trainable.lr_scale.{selector}", selector)
@@ -124,7 +135,8 @@ def resolve(settings: TrainSettings, table: ParamTable) -> tuple[TrainableSet | 
         problems.append(("trainable", spec.model_dump(), f"at least one trained parameter (train minus freeze leaves none; {_some_names(table)})"))
     if problems:
         return None, problems
-    return _grouped(settings, table, trained, {name: scale for name, (_, scale) in scale_of.items()}), []
+    chosen = _grouped(settings, table, trained, {name: scale for name, (_, scale) in scale_of.items()})
+    return chosen.model_copy(update={"adapter": adapter, "added_params": sum(p.numel for p in table.params if p.adapter)}), []
 
 
 def _grouped(settings: TrainSettings, table: ParamTable, trained: set[str], scale_of: dict[str, float]) -> TrainableSet:
@@ -191,4 +203,5 @@ def trainable_record(settings: TrainSettings, chosen: TrainableSet | None, total
         groups = [GroupRecord(label=g.label, lr_scale=g.lr_scale, lr=g.lr, params=g.params) for g in chosen.groups]
         counts = {"trainable_params": chosen.trainable_params, "share": chosen.share, "trained": chosen.trained(), "layout": chosen.layout()}
     return TrainableRecord(train=spec.train, freeze=spec.freeze, lr_scale=spec.lr_scale, layer_decay=spec.layer_decay, total_params=total_params,
-                           groups=groups, frozen_digest_start=frozen_digests[0], frozen_digest_end=frozen_digests[1], **counts)
+                           groups=groups, frozen_digest_start=frozen_digests[0], frozen_digest_end=frozen_digests[1],
+                           adapter=chosen.adapter if chosen else None, **counts)

@@ -24,8 +24,10 @@ from harness.records import InvalidRecord, RunDir, StageDir, read_json_lines, re
 # "Final train loss" is the mean of this many last train/loss values of a
 # stage: a single last value is too noisy to compare stages or runs.
 FINAL_LOSS_WINDOW = 5
-# Task metrics in the order tables and plots show them (eval/exact_match ...; see task_metrics.py).
-TASK_KEYS = metric_keys(list(METRIC_NAMES))
+# Eval metrics besides the loss, in the order tables and plots show them: the task metrics
+# (eval/exact_match ...; see task_metrics.py), then a preference stage's held-out reward accuracy
+# and margin (eval/rewards/accuracies, eval/rewards/margins; see objectives/preference.py).
+METRIC_KEYS = metric_keys(list(METRIC_NAMES)) + ["eval/rewards/accuracies", "eval/rewards/margins"]
 
 
 @dataclass
@@ -108,13 +110,13 @@ def final_train_loss(stage: StageRecord) -> float | None:
     return mean(losses[-FINAL_LOSS_WINDOW:]) if losses else None
 
 
-def task_columns(evals: list[dict]) -> list[str]:
-    """The task metric keys (eval/exact_match, eval/bleu, ...) that any of the eval dicts has."""
-    return [key for key in TASK_KEYS if any(key in e for e in evals)]
+def metric_columns(evals: list[dict]) -> list[str]:
+    """The metric keys (eval/exact_match, eval/bleu, eval/rewards/accuracies, ...) that any of the eval dicts has."""
+    return [key for key in METRIC_KEYS if any(key in e for e in evals)]
 
 
-def _task_values(evals: dict, keys: list[str]) -> dict:
-    """{'exact_match': value or None, ...} for the columns keys."""
+def _metric_values(evals: dict, keys: list[str]) -> dict:
+    """{'exact_match': value or None, 'rewards/accuracies': ..., ...} for the columns keys."""
     return {key.removeprefix("eval/"): evals.get(key) for key in keys}
 
 
@@ -126,14 +128,15 @@ def start_eval(stage: StageRecord) -> dict:
 
 def report_table(run: RunRecord) -> list[dict]:
     """One row per stage: setup, step range, final train loss, eval loss and perplexity, each
-    task metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L; as start_<metric>
-    too where some stage evaluated before its first step), load mode.
+    metric that some stage reports (exact_match, f1, bleu, chrf, rouge1/2/L, a preference stage's
+    rewards/accuracies and rewards/margins; as start_<metric> too where some stage evaluated before
+    its first step), load mode.
 
     Columns a stage that is not done cannot know (zero_stage, world_size, eval,
     load) are None; its kind, optimizer and steps then come from its metrics.
     """
-    keys = task_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
-    start_keys = task_columns([start_eval(s) for s in run.stages])
+    keys = metric_columns([(s.manifest or {}).get("eval") or {} for s in run.stages])
+    start_keys = metric_columns([start_eval(s) for s in run.stages])
     rows = []
     for stage in run.stages:
         manifest = stage.manifest or {}
@@ -151,8 +154,8 @@ def report_table(run: RunRecord) -> list[dict]:
             "train_loss": final_train_loss(stage),
             "eval_loss": evals.get("eval/loss"),
             "eval_ppl": evals.get("eval/ppl"),
-            **{f"start_{k}": v for k, v in _task_values(start_eval(stage), start_keys).items()},
-            **_task_values(evals, keys),
+            **{f"start_{k}": v for k, v in _metric_values(start_eval(stage), start_keys).items()},
+            **_metric_values(evals, keys),
             "load": (manifest.get("load") or {}).get("mode"),
         })
     return rows
@@ -163,7 +166,7 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
 
     The PNG (default <out>/report.png) has train loss against global step, stage
     boundaries and labels, eval loss points on top, and below it one panel per eval
-    metric (eval loss and each task metric): every evaluation of every stage against
+    metric (eval loss, each task metric, reward accuracy and margin): every evaluation of every stage against
     global step, so a metric's jump between stages shows (an eval before a stage's
     first step, `eval_on_start`, sits at the boundary). <out>/report.json holds
     report_table's rows.
@@ -171,7 +174,7 @@ def write_report(run_dir: str | Path, png_path: str | Path | None = None) -> Pat
     run, folder = load_run(run_dir), RunDir(Path(run_dir))
     rows = report_table(run)
     png = Path(png_path) if png_path else folder.report_png
-    keys = ["eval/loss"] + task_columns([r for stage in run.stages for r in stage.rows])
+    keys = ["eval/loss"] + metric_columns([r for stage in run.stages for r in stage.rows])
     columns = min(len(keys), 3)
     panel_rows = -(-len(keys) // columns)
 
@@ -237,7 +240,8 @@ def _plot_metric(ax, run: RunRecord, key: str) -> None:
 def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     """Overlay the train loss of two or more runs; return the PNG path.
 
-    Below the plot, one panel per eval metric (eval loss and each task metric): each run's
+    Below the plot, one panel per eval metric (eval loss, each task metric, reward accuracy and
+    margin): each run's
     final value per stage (from the manifests), one line per run. The table rows (each run's
     last stage's eval results and task metrics, the final train loss of its last stage with
     train losses, its last global step) go to compare.json next to the PNG.
@@ -245,7 +249,7 @@ def compare_runs(run_dirs: list[str | Path], png_path: str | Path) -> Path:
     if len(run_dirs) < 2:
         raise ValueError(f"compare_runs needs at least two run folders, got {len(run_dirs)}")
     runs = [load_run(d) for d in run_dirs]
-    keys = task_columns([(s.manifest or {}).get("eval") or {} for run in runs for s in run.stages])
+    keys = metric_columns([(s.manifest or {}).get("eval") or {} for run in runs for s in run.stages])
     rows = [_final_row(run, keys) for run in runs]
     png = Path(png_path)
     panels = ["eval/loss"] + keys
@@ -302,7 +306,7 @@ def _final_row(run: RunRecord, keys: list[str]) -> dict:
         "train_loss": next((v for v in reversed(losses) if v is not None), None),
         "eval_loss": evals.get("eval/loss"),
         "eval_ppl": evals.get("eval/ppl"),
-        **_task_values(evals, keys),
+        **_metric_values(evals, keys),
     }
 
 

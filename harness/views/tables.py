@@ -8,9 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.objectives import OBJECTIVES
-from harness.records import RunDir, SlurmJob
+from harness.records import InvalidRecord, RunDir, SlurmJob, StartRecord, read_manifest
+from harness.records.memory import gb
 from harness.records.token_store import META, StoreMeta, StoreRequest
-from harness.stages import Stage, required_stores
+from harness.stages import Stage, expected_start_digest, required_stores, stage_stores
 from harness.views.status import stage_statuses
 
 
@@ -20,12 +21,11 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
     launch_of = {stage.index: n for n, group in enumerate(launches, 1) for stage in group}
     table = Table(title=f"plan '{setup.plan.name}' -> {setup.run.root}")
     for column in ("#", "stage", "kind", "launch", "ranks", "ZeRO", "precision", "optimizer", "steps", "batch (micro x accum x world)", "fast", "trains",
-                   "lr groups", "load", "starts"):
+                   "lr groups", "memory/rank GB", "load", "starts"):
         table.add_column(column)
     for st in setup.stages:
-        s = st.settings
-        table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(s.zero_stage), st.precision,
-                      st.optimizer_type, str(st.steps), _batch(st), " ".join(st.fast.parts), *_trains(st),
+        table.add_row(f"{st.index:02d}", st.name, st.kind, str(launch_of.get(st.index, "-")), str(st.world_size), str(st.zero_stage), st.precision,
+                      st.optimizer_type, str(st.steps), _batch(st), " ".join(st.fast.parts), *_trains(st), _memory(st),
                       setup.starts[st.index].mode, _start_of(setup, st))
     Console(width=240).print(table)
     first = setup.stages[0]
@@ -36,15 +36,52 @@ def print_stages(setup, launches: list[list[Stage]]) -> None:
         for note in stage.fast.notes:
             print(f"  fast: {note}")
         if stage.micro_batch_candidates:
-            print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start")
-        for group in stage.trainable.groups if stage.trainable else ():
+            print(f"  micro_batch auto: the largest of {', '.join(map(str, stage.micro_batch_candidates))} that fits, probed at the stage's start "
+                  f"(from {stage.micro_batch})")
+        chosen = stage.trainable
+        if chosen is not None and chosen.adapter is not None:
+            print(f"  adapter {chosen.adapter.describe()}: {chosen.trainable_params:,} of {chosen.total_params:,} parameters train "
+                  f"({chosen.share:.2%}); the base's {chosen.total_params - chosen.added_params:,} are frozen")
+        for group in chosen.groups if chosen else ():
             print(f"  lr group {group.label}: {group.params:,} params, lr {group.lr:.3g} (x{group.lr_scale:.3g})")
+        for note in _objective_notes(setup, stage) if stage.index in setup.resumes else ():
+            print(f"  {note}")
+        if stage.memory is not None:
+            checked = f" of {stage.memory.rank_memory.source}" if stage.memory.rank_memory else " (the memory of a rank is unknown here: not checked)"
+            print(f"  memory per rank{checked}: {stage.memory.estimate.breakdown()}")
+            for decision in stage.memory.decisions:
+                print(f"  {decision.field} auto -> {decision.value}: {decision.reason}")
     for stage in setup.stages:
         resume = setup.resumes.get(stage.index)
         if resume is not None and (resume.mode != "fresh" or resume.set_aside):
             print(f"stage {stage.index:02d} {stage.name}: {resume.tag or 'from its start'} ({resume.mode}): {resume.reason}")
             for damaged in resume.set_aside:
                 print(f"  damaged, set aside at launch: {damaged}")
+
+
+def _objective_notes(setup, stage: Stage) -> list[str]:
+    """What the stage's objectives say about it (Objective.stage_notes: a preference stage's reference),
+    given the digest of its start weights where the launch side knows it."""
+    digest = _start_digest(setup, stage)
+    return [note for kind, requests in stage_stores(stage).items() for request in requests
+            for note in OBJECTIVES[kind].stage_notes(stage.settings, stage.precision, request.folder, digest, request.data)]
+
+
+def _start_digest(setup, stage: Stage) -> str | None:
+    """The digest of the weights an unfinished stage starts from: its own started.json when it
+    resumes, else what the previous stage's manifest says it hands over (None: the first stage,
+    a previous stage not done yet, or weights the worker rounds before digesting them)."""
+    stage_dir = setup.run.stage(stage.index, stage.name)
+    if setup.resumes[stage.index].mode != "fresh":
+        try:
+            return StartRecord.read(stage_dir.started).start_weights_digest
+        except InvalidRecord:
+            return None
+    decision = setup.starts[stage.index]
+    if decision.mode == "init" or stage.index - 1 in setup.resumes:
+        return None
+    before = setup.stages[stage.index - 1]
+    return expected_start_digest(decision.mode, read_manifest(setup.run.stage(before.index, before.name), verify_files=False), stage.precision)
 
 
 def _batch(stage: Stage) -> str:
@@ -54,6 +91,14 @@ def _batch(stage: Stage) -> str:
     return f"{stage.global_batch} = {stage.micro_batch} x {stage.grad_accum} x {stage.world_size}"
 
 
+def _memory(stage: Stage) -> str:
+    """'0.52 of 12.64': the estimate per rank against what a rank has (harness/stages/memory.py, fit.py)."""
+    if stage.memory is None:
+        return "-"
+    have = stage.memory.rank_memory
+    return gb(stage.memory.estimate.total_bytes) + (f" of {gb(have.device_bytes)}" if have else "")
+
+
 def _trains(stage: Stage) -> tuple[str, str]:
     """(trained parameters and share, lr groups: how many, lowest..highest peak lr) of a stage."""
     chosen = stage.trainable
@@ -61,7 +106,8 @@ def _trains(stage: Stage) -> tuple[str, str]:
         return "all (100%)", f"1: {stage.settings.optimizer.lr:.3g}"
     lrs = sorted(g.lr for g in chosen.groups)
     span = f"{lrs[0]:.3g}" if lrs[0] == lrs[-1] else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
-    return f"{chosen.trainable_params:,} ({chosen.share:.1%})", f"{len(lrs)}: {span}"
+    adapter = f"{chosen.adapter.type} " if chosen.adapter else ""
+    return f"{adapter}{chosen.trainable_params:,} ({chosen.share:.1%})", f"{len(lrs)}: {span}"
 
 
 def _start_of(setup, stage: Stage) -> str:

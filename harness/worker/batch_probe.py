@@ -4,15 +4,18 @@ steps of full-length rows at growing micro batches, measures each one's peak mem
 the engine again. Training then builds its engine afresh with the largest micro batch that
 fitted, and accumulation steps that keep the global batch; the probe's steps leave no trace.
 
-Which micro batches are tried (`next_try`): the two smallest, then, from the line through the
-two largest that fitted, the largest candidate predicted to fit the budget, then smaller ones
-while a try does not fit. A try that runs out of GPU memory ends the probe. On CPU nothing
-raises before the kernel kills the process, so the prediction is what keeps it inside memory.
+Which micro batches are tried (`next_try`): first stage.micro_batch, the largest candidate the
+launch side's memory estimate fits (harness/stages/fit.py; the smallest without an estimate), then
+the next larger one; from the line through the two largest that fitted, the largest candidate
+predicted to fit the budget, then smaller ones while a try does not fit. A try that runs out of
+GPU memory ends the probe. On CPU nothing raises before the kernel kills the process, so the
+estimate and the prediction are what keep it inside memory.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -73,7 +76,7 @@ def probe(stage: Stage, strategy: DeepSpeedStrategy, build_model: Callable[[], t
     strategy.setup(model)
     fast.compile(strategy.engine)
     tries: list[ProbeTry] = []
-    while (micro := next_try(candidates, tries, budget)) is not None:
+    while (micro := next_try(candidates, tries, budget, start=stage.micro_batch)) is not None:
         tries.append(_try(stage, strategy, fast, micro, model.config.vocab_size, budget, cuda))
         if tries[-1].peak_bytes is None:
             break  # out of GPU memory: the engine's buffers may be half written, stop here
@@ -90,16 +93,18 @@ def probe(stage: Stage, strategy: DeepSpeedStrategy, build_model: Callable[[], t
                        probe_seconds=time.perf_counter() - started)
 
 
-def next_try(candidates: list[int], tries: list[ProbeTry], budget: int) -> int | None:
-    """The next micro batch to try, or None when the probe is done (see the module's docstring)."""
+def next_try(candidates: list[int], tries: list[ProbeTry], budget: int, start: int | None = None) -> int | None:
+    """The next micro batch to try, or None when the probe is done (see the module's docstring);
+    start: the first (default: the smallest candidate)."""
     tried = {t.micro_batch for t in tries}
     fitted = sorted((t.micro_batch, t.peak_bytes) for t in tries if t.fits)
     failed = [t.micro_batch for t in tries if not t.fits]
     ceiling = min(failed, default=candidates[-1] + 1)
     if not tries:
-        return candidates[0]
-    if not fitted:
-        return None
+        return candidates[0] if start is None else start
+    if not fitted:  # the start did not fit: the next smaller one
+        smaller = [m for m in candidates if m < ceiling]
+        return smaller[-1] if smaller else None
     if len(fitted) == 1:
         larger = [m for m in candidates if m > fitted[0][0] and m < ceiling]
         return larger[0] if larger else None
@@ -117,7 +122,8 @@ def _try(stage: Stage, strategy: DeepSpeedStrategy, fast: FastPath, micro: int, 
     ran = True
     try:
         objective = RANK_OBJECTIVES[stage.data.primary]
-        strategy.train_micro_step(objective.loss, objective.probe_batch(stage, micro, vocab), forward_guard=fast.first_forward)
+        strategy.train_micro_step(partial(objective.loss, settings=stage.settings), objective.probe_batch(stage, micro, vocab),
+                                  forward_guard=fast.first_forward)
         strategy.optimizer_step()
     except torch.OutOfMemoryError:
         ran = False

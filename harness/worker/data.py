@@ -31,7 +31,8 @@ IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
 # DataSpec fields that change neither which rows a data position holds nor their order.
 LAYOUT_FIELDS = {"packing", "exhausted"}
 # DataSpec fields that came with the row shapes: a data stream's key counts them only when set.
-ROW_SHAPE_FIELDS = {"rows", "instruction_field", "input_field", "output_field", "system_field", "history_field", "messages_field"}
+ROW_SHAPE_FIELDS = {"rows", "instruction_field", "input_field", "output_field", "system_field", "history_field", "messages_field",
+                    "tools_field", "chosen_field", "rejected_field"}
 
 
 def token_count(batch: dict[str, torch.Tensor]) -> int:
@@ -50,6 +51,7 @@ class TokenStore:
     memory independent of the corpus."""
 
     def __init__(self, folder: Path):
+        self.folder = folder
         self.meta = StoreMeta.read(folder)
         if self.meta.format != STORE_FORMAT:
             raise RuntimeError(f"token store {folder} has format {self.meta.format}, this harness reads {STORE_FORMAT}; "

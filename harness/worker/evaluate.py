@@ -1,7 +1,8 @@
 """Held-out evaluation of a stage: each data set's objective evaluates its held-out rows
 (harness/worker/objectives); the results are named by the objective's metric prefix
-(eval/lm_loss, eval/sft_loss, ...), and the stage's primary data set also gives eval/loss and
-eval/ppl. Collective: every rank runs the same forwards.
+(eval/lm_loss, eval/sft_loss, eval/pref_loss, ...), and the stage's primary data set also gives
+eval/loss and eval/ppl (perplexity only of a token log-likelihood: not of a preference loss).
+Collective: every rank runs the same forwards.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def eval_metrics(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], pri
         found = objective.evaluate(strategy, data, tokenizer, settings, micro_batch)
         loss, prefix = found.pop("loss"), objective.objective.metric_prefix
         metrics[f"eval/{prefix}_loss"] = loss
-        metrics[f"eval/{prefix}_ppl"] = math.exp(min(loss, 50.0))
+        if objective.objective.perplexity:
+            metrics[f"eval/{prefix}_ppl"] = math.exp(min(loss, 50.0))
         if kind == primary:
             metrics["eval/loss"] = loss
-            metrics["eval/ppl"] = metrics[f"eval/{prefix}_ppl"]
+            if objective.objective.perplexity:
+                metrics["eval/ppl"] = metrics[f"eval/{prefix}_ppl"]
         metrics.update(found)
     return metrics

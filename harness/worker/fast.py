@@ -1,7 +1,8 @@
-"""Carrying out a stage's fast path (stage.fast, decided by harness/stages/fast.py): the attention kernel
-and Liger's kernels go into the model before the engine is built, compilation onto the engine
-after. A part that fails to initialise is turned off with one warning line naming it, and the
-stage trains without it; the manifest records what ran (`FastRecord`).
+"""Carrying out a stage's fast path (stage.fast, decided by harness/stages/fast.py): the attention kernel,
+Liger's kernels and activation checkpointing (stage.activation_checkpointing) go into the model
+before the engine is built, compilation onto the engine after. A part that fails to initialise is
+turned off with one warning line naming it, and the stage trains without it; the manifest records
+what ran (`FastRecord`).
 
 Compilation fails late: torch.compile only traces at the first forward. That forward runs under
 `first_forward`, which on a compile error turns compilation off and runs the batch eagerly (a
@@ -19,6 +20,7 @@ import torch
 
 from harness.records import FastRecord
 from harness.stages import Stage
+from harness.worker.adapter import base_model
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2", "flash-or-sdpa": "flash_attention_2"}
 
@@ -34,6 +36,7 @@ class FastPath:
         self.attention = "sdpa"
         self.liger = False
         self.compiled = False
+        self.checkpointing = "off"
         self.compile_seconds: float | None = None
         """The first compiled forward's time (tracing and compiling included), on this rank."""
         self._engine = None
@@ -52,7 +55,8 @@ class FastPath:
 
     # ---- before deepspeed.initialize --------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """The attention kernel, then Liger's kernels, on the model instance."""
+        """The attention kernel, then Liger's kernels, on the model instance (an adapter's base)."""
+        model = base_model(model)
         wanted = self.choice.attention
         if wanted == "flash-or-sdpa" and importlib.util.find_spec("flash_attn") is None:
             wanted = "sdpa"  # fast: auto asks for flash attention only where it is installed
@@ -64,6 +68,23 @@ class FastPath:
             model.set_attn_implementation("sdpa")
         if self.choice.liger:
             self.liger = self._apply_liger(model)
+        if self.stage.recompute_every:
+            self.checkpointing = self._apply_checkpointing(model)
+
+    def _apply_checkpointing(self, model: torch.nn.Module) -> str:
+        """Every k-th decoder layer's forward runs again in the backward instead of keeping its
+        activations (transformers' GradientCheckpointingLayer). Non-reentrant, transformers' default:
+        the reentrant form drops the gradients of inputs that do not require them and needs every
+        layer input to require grad. With frozen parameters under ZeRO-3 non-reentrant recompute
+        crashed ("Recomputed values ... have different metadata") until DeepSpeed #8148, which 0.19.8
+        has: it attributes a frozen parameter gathered during a recompute to the backward."""
+        every = self.stage.recompute_every
+        try:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every)
+        except ValueError as error:  # transformers: the architecture has no checkpointable layers
+            self._fall_back("activation checkpointing", str(error))
+            return "off"
+        return "full" if every == 1 else f"selective (every {every})"
 
     def _apply_liger(self, model: torch.nn.Module) -> bool:
         try:
@@ -143,5 +164,5 @@ class FastPath:
     def record(self) -> FastRecord:
         """What ran, for the manifest."""
         compiled = self.choice.compile if self.compiled else "off"
-        return FastRecord(compile=compiled, liger=self.liger, attention=self.attention, fallbacks=self.fallbacks,
-                          notes=self.choice.notes, first_compiled_forward_s=self.compile_seconds)
+        return FastRecord(compile=compiled, liger=self.liger, attention=self.attention, activation_checkpointing=self.checkpointing,
+                          fallbacks=self.fallbacks, notes=self.choice.notes, first_compiled_forward_s=self.compile_seconds)

@@ -21,6 +21,7 @@ keep_checkpoints complete checkpoints of a stage are kept.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,8 +35,9 @@ import torch
 
 from harness.records import (CHECKPOINT_COMPLETE, CheckpointRecord, LoadRecord, Manifest, Progress, RankRecord, ResumePoint, ResumeRecord,
                              StageDir, StartDecision, StartRecord, TrainableRecord, file_check, folder_checks, read_manifest)
-from harness.stages import Stage, engine_identity
+from harness.stages import Stage, engine_identity, expected_start_digest
 from harness.stages.trainable import trainable_record
+from harness.worker.adapter import ADAPTER_CONFIG, base_model, write_adapter_folder
 from harness.worker.faults import fault_point
 from harness.worker.model import SafetensorsWriter, hf_weights, save_hf_config
 from harness.worker.strategy import DeepSpeedStrategy, WeightsDigest
@@ -56,6 +58,10 @@ class StartPoint:
     """(folder, tag) of a DeepSpeed checkpoint to load after initialize."""
     previous: Manifest | None = None
     """The previous stage's manifest."""
+    adapter_base: str | None = None
+    """The Hugging Face folder an adapter trained from here applies to (its adapter folder's
+    base_model_name_or_path): the start weights', or, when the adapters are carried (full_state),
+    the previous stage's adapter base; None for a built-in model."""
 
     def record(self) -> LoadRecord:
         return LoadRecord(mode=self.mode, reason=self.reason, source=str(self.checkpoint[0] if self.checkpoint else self.weights_dir or "plan"))
@@ -67,14 +73,17 @@ def start_point(stage: Stage, decision: StartDecision, previous: StageDir | None
     verify_files=False: the previous stage ran in this launch and checksummed its files as it
     wrote them; they are not read back (the start weights are still checked against its digest)."""
     if decision.mode == "init":
-        return StartPoint(decision.mode, decision.reason)
+        return StartPoint(decision.mode, decision.reason, adapter_base=stage.model.path)
     manifest = read_manifest(previous, verify_files)
     found = manifest.engine
     if found != decision.previous:
         raise RuntimeError(f"stage {stage.name}: {previous.manifest} records {found.model_dump()}, but {decision.mode} was decided for "
                            f"{decision.previous.model_dump()}: run `harness run` (or `plan`) again so that the launch side decides anew")
     checkpoint = (previous.checkpoints, manifest.checkpoint_tag) if decision.mode == "full_state" else None
-    return StartPoint(decision.mode, decision.reason, previous.model, checkpoint, manifest)
+    base = str(previous.model)
+    if checkpoint is not None and manifest.engine.adapter is not None:
+        base = json.loads((previous.adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return StartPoint(decision.mode, decision.reason, previous.model, checkpoint, manifest, adapter_base=base)
 
 
 class Checkpointer:
@@ -90,9 +99,15 @@ class Checkpointer:
         on the launch side), or load what the start point names and check its weights against
         the previous stage's digest. Rank 0 writes started.json the first time and appends each
         resume to it, so the original handoff record is kept. Collective."""
+        self._adapter_base = start.adapter_base
         progress = self._resume(resume) if resume.mode != "fresh" else self._start(start)
         self._frozen_at_start = self.strategy.frozen_digest()
         return progress
+
+    @property
+    def start_weights_digest(self) -> str:
+        """The digest of the weights the stage started from (started.json), also after a resume."""
+        return self._start_digest
 
     def trainable_record(self) -> TrainableRecord:
         """The manifest's record of what trained; raises if a frozen parameter changed. Collective."""
@@ -119,6 +134,7 @@ class Checkpointer:
             )
         if self.strategy.is_rank0:
             StartRecord(load=start.record(), start_weights_digest=weights, start_optimizer_state_digest=moments, time=time.time()).write(self.dir.started)
+        self._start_digest = weights
         self.strategy.barrier()
         return progress
 
@@ -135,6 +151,7 @@ class Checkpointer:
             progress = Progress.model_validate(state["progress"])
         weights = self.strategy.weights_digest()
         carried = self.strategy.any_rank(any(self.strategy.base_optimizer.state.values()))
+        self._start_digest = self.strategy.broadcast_object(StartRecord.read(self.dir.started).start_weights_digest if self.strategy.is_rank0 else None)
         if self.strategy.is_rank0:
             print(f"[harness] stage {self.stage.name}: resuming from checkpoint {resume.tag} ({resume.mode}: {resume.reason})", flush=True)
             started = StartRecord.read(self.dir.started)
@@ -150,11 +167,9 @@ class Checkpointer:
         hold (the master digest when they are fp32), as rounded to this stage's precision when
         lower (the engine's fp32 master copy is made from rounded weights): then streamed from
         the files, one tensor at a time."""
-        previous = start.previous
-        if start.mode == "full_state":
-            return previous.weights_digest
-        if self.stage.precision in ("fp32", previous.handoff_dtype):  # no rounding: what the files hold, as digested when written
-            return previous.handoff_weights_digest or previous.weights_digest
+        expected = expected_start_digest(start.mode, start.previous, self.stage.precision)
+        if expected is not None:
+            return expected
         digest = WeightsDigest()
         for name, saved in hf_weights(start.weights_dir):
             digest.update(name, saved.to(DTYPES[self.stage.precision]))
@@ -189,14 +204,15 @@ class Checkpointer:
         """The Hugging Face folder, from the fp32 master weights streamed parameter by parameter
         (collective: every rank takes part in each gather); rank 0 writes the files and digests
         the weights as they pass. Returns the manifest's weight fields (rank 0; {} elsewhere)."""
-        weights = self.strategy.full_fp32_params()
+        adapter_tensors: dict[str, torch.Tensor] = {}
+        weights = self.strategy.model_weights(adapter_tensors)
         if not self.strategy.is_rank0:
             for _ in weights:
                 pass
             return {}
         dtype = self.stage.handoff_dtype
         folder = self.dir.model
-        save_hf_config(folder, model, tokenizer, DTYPES[dtype])
+        save_hf_config(folder, base_model(model), tokenizer, DTYPES[dtype])
         writer = SafetensorsWriter(folder, self.strategy.full_shapes(), DTYPES[dtype], self.stage.settings.handoff_shard_bytes)
         master = WeightsDigest()
         stored = WeightsDigest() if dtype != "fp32" else None
@@ -208,6 +224,9 @@ class Checkpointer:
             writer.add(name, weight)
         writer.close()
         files = {f"{folder.name}/{name}": check for name, check in writer.checksums.items()}
+        if self.strategy.adapter is not None:
+            checks = write_adapter_folder(self.dir.adapter, model, adapter_tensors, base=self._adapter_base)
+            files.update({f"{self.dir.adapter.name}/{name}": check for name, check in checks.items()})
         for path in folder.rglob("*"):  # config and tokenizer files: small
             if path.is_file() and path.name not in writer.checksums:
                 files[str(path.relative_to(folder.parent))] = file_check(path)

@@ -24,22 +24,26 @@ from pathlib import Path
 from typing import Any
 
 from harness.records import InvalidRecord, MemoryRecord, StageDir
+from harness.records.memory import MemoryEstimate
 
 
-def record_memory(stage_dir: StageDir, rank: int, milestone: str, **fields: Any) -> None:
+def record_memory(stage_dir: StageDir, rank: int, milestone: str, estimate: MemoryEstimate | None = None, **fields: Any) -> None:
     """Write this rank's peak and current RSS at `milestone`, with any `fields` (e.g. the
     parameter storage after the model is built). Atomic; every milestone's figures are kept
-    under `milestones`, the newest also at the top level."""
+    under `milestones`, the newest also at the top level. `estimate`: the stage's per-rank
+    estimate, given at the first milestone and kept by the later ones."""
     path = stage_dir.rank_memory(rank)
     peak, current = rss_bytes()
     try:
-        milestones = MemoryRecord.read(path).milestones
+        before = MemoryRecord.read(path)
+        milestones, estimate = before.milestones, estimate or before.estimate
     except InvalidRecord:
         milestones = {}
     milestones[milestone] = {"peak_rss_bytes": peak, "rss_bytes": current, "time": time.time(), **fields}
     path.parent.mkdir(parents=True, exist_ok=True)
     MemoryRecord(rank=rank, host=socket.gethostname(), pid=os.getpid(), milestone=milestone, time=time.time(), peak_rss_bytes=peak,
-                 rss_bytes=current, host_memory_bytes=_host_memory_bytes(), milestones=milestones).write(path)
+                 rss_bytes=current, host_memory_bytes=_host_memory_bytes(), milestones=milestones, estimate=estimate,
+                 estimate_bytes=estimate.total_bytes if estimate else None).write(path)
 
 
 _end_file: int | None = None

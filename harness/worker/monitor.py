@@ -186,7 +186,7 @@ def run_config(stage: Stage, ds_config: dict[str, Any]) -> dict[str, Any]:
     Values of cluster.env are hidden: they may hold tokens."""
     config = stage.model_dump(mode="json")
     config["cluster"]["env"] = {k: "<hidden>" for k in config["cluster"]["env"]}
-    config.update(deepspeed=ds_config, zero_stage=stage.settings.zero_stage, world_size=stage.world_size)
+    config.update(deepspeed=ds_config, zero_stage=stage.zero_stage, world_size=stage.world_size)
     return config
 
 

@@ -50,7 +50,7 @@ class Regularizer(NoRegularizer):
         self.l1 = spec.l1
         self.l2 = spec.l2 if spec.l2_mode == "penalty" else 0.0
         self.strategy = strategy
-        self.sharded = strategy.stage.settings.zero_stage == 3
+        self.sharded = strategy.stage.zero_stage == 3
         # Frozen parameters are left alone, and so are biases and norm weights (1-D) unless asked.
         self.params = [p for p in strategy.module.parameters() if p.requires_grad and (spec.include_1d or len(_full_shape(p)) >= 2)]
         self._sums = (torch.zeros(()), torch.zeros(()))

@@ -15,6 +15,7 @@ from harness.records import BatchRecord, Progress, RunDir, StageDir
 from harness.records.console import eval_summary, stage_prefix
 from harness.records.environment import STOP_FILE_VAR
 from harness.stages import Stage, StageFile, stage_stores
+from harness.worker.adapter import adapted
 from harness.worker.batch_probe import batch_shape
 from harness.worker.data import TokenizedSet
 from harness.worker.evaluate import eval_metrics
@@ -25,7 +26,7 @@ from harness.worker.metrics import MetricsLog, NullMetrics
 from harness.worker.mixture import realised_mix
 from harness.worker.model import build_model, build_tokenizer, parameter_storage
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.objectives import open_stage_data, prepare_model
+from harness.worker.objectives import begin_objectives, open_stage_data, prepare_model
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -63,6 +64,8 @@ class StageRun:
     checkpointer: Checkpointer
     progress: Progress
     regularizer: NoRegularizer
+    records: dict[str, Any]
+    """The objectives' records for the manifest (RankObjective.begin: a preference stage's reference)."""
     monitor: NullMonitor
     metrics: NullMetrics
     stop: StopRequest
@@ -93,10 +96,10 @@ class StageRun:
         def probe_model():  # micro_batch auto's throwaway engine: the stage's architecture, weights not read
             model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=False)
             prepare_model(model, tokenizer, stage)
-            return model
+            return adapted(model, stage)
 
         batch = batch_shape(stage, stage_dir, strategy, probe_model)
-        record_memory(stage_dir, strategy.rank, "before_model", **strategy.device_memory())
+        record_memory(stage_dir, strategy.rank, "before_model", stage.memory.estimate if stage.memory else None, **strategy.device_memory())
         # A DeepSpeed checkpoint (full_state, a native or universal resume) overwrites the weights:
         # no need to read them. A consolidated resume builds the model from the tag's fp32 weights.
         if resume.mode == "consolidated":
@@ -106,6 +109,7 @@ class StageRun:
             model = build_model(stage.model, tokenizer, stage.settings.seed, start.weights_dir, load_weights=not from_checkpoint)
         prepare_model(model, tokenizer, stage)
         fast.prepare_model(model)
+        model = adapted(model, stage)
         record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
         s = stage.settings
         sets = open_stage_data(stage, tokenizer.pad_token_id)
@@ -114,10 +118,13 @@ class StageRun:
         record_memory(stage_dir, strategy.rank, "initialized")
         checkpointer = Checkpointer(stage, stage_dir, strategy)
         progress = checkpointer.restore(start, resume)
+        with fast.eager():
+            records = begin_objectives(strategy, sets, stage, checkpointer.start_weights_digest, resume.mode == "fresh", batch.micro_batch)
         regularizer = make_regularizer(s.regularization, strategy)
         monitor = start_monitor(stage, RunDir(Path(spec.run_dir)), stage_dir, model) if strategy.is_rank0 else NullMonitor()
         metrics = MetricsLog(stage_dir.metrics, progress.stage_step, monitor) if strategy.is_rank0 else NullMetrics()
-        return cls(stage, stage_dir, strategy, model, tokenizer, sets, batch, fast, checkpointer, progress, regularizer, monitor, metrics, stop)
+        return cls(stage, stage_dir, strategy, model, tokenizer, sets, batch, fast, checkpointer, progress, regularizer, records, monitor, metrics,
+                   stop)
 
     def evaluate(self) -> dict[str, float]:
         """Every data set's held-out metrics (harness/worker/evaluate.py), run eagerly. Collective."""
@@ -128,7 +135,7 @@ class StageRun:
         """The checkpoint, the Hugging Face model and the manifest (harness/worker/handoff.py). Collective."""
         extra = {"engine_optimizer": type(self.strategy.base_optimizer).__name__, "wandb_run_id": self.monitor.run_id,
                  "regularization": self.regularizer.values(), "trainable": self.checkpointer.trainable_record(), "fast": self.fast.record(),
-                 "batch": self.batch,
+                 "batch": self.batch, "memory": self.stage.memory, **self.records,
                  "data_mix": realised_mix(self.stage, self.sets, stage_stores(self.stage), self.progress) if self.strategy.is_rank0 else {}}
         self.checkpointer.save_handoff(self.progress, last_eval, self.model, self.tokenizer, extra)
         record_memory(self.dir, self.strategy.rank, "end", **self.strategy.device_memory())
@@ -147,7 +154,7 @@ class StageRun:
 def stage_line(stage: Stage, resume_mode: str, resume_tag: str | None) -> str:
     """The line that opens a stage on the console; its prefix also tells the launch side that the
     launch's output from here on belongs to this stage's log (harness/records/console.py)."""
-    line = (f"{stage_prefix(stage.index)}{stage.name}: {stage.kind}, ZeRO-{stage.settings.zero_stage}, "
+    line = (f"{stage_prefix(stage.index)}{stage.name}: {stage.kind}, ZeRO-{stage.zero_stage}, "
             f"{stage.world_size} rank(s), {stage.optimizer_type}, {stage.steps} steps")
     return line if resume_mode == "fresh" else f"{line}; resumes from {resume_tag} ({resume_mode})"
 

@@ -22,9 +22,10 @@ from deepspeed.utils import safe_get_full_fp32_param
 from transformers.integrations import HfDeepSpeedConfig
 
 from harness.stages import Stage
+from harness.worker.adapter import merged_shapes, merged_weights
 
 LossOf = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(engine, batch) -> (loss, step metrics): an objective's loss (harness/worker/objectives)."""
+"""(engine, batch) -> (loss, step metrics): an objective's loss at the stage's settings (harness/worker/objectives)."""
 
 
 class DeepSpeedStrategy:
@@ -40,6 +41,8 @@ class DeepSpeedStrategy:
         self.engine: Any = None
         self.frozen_names: list[str] = []
         """Parameters this stage does not train (set by setup)."""
+        self.adapter = stage.trainable.adapter if stage.trainable else None
+        """The adapter the engine trains (harness/worker/adapter.py): its weights are handed over merged."""
         # While this object lives, transformers builds and loads models under deepspeed.zero.Init for
         # a ZeRO-3 config: partitioned as created, a checkpoint loaded parameter by parameter, so no
         # rank holds the whole model. transformers keeps only a weak reference: hold it for the stage.
@@ -56,6 +59,9 @@ class DeepSpeedStrategy:
         state or a master copy. Each group trains at the scheduled lr x its lr_scale."""
         groups = self._param_groups(model)
         self.engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        # Training mode: from_pretrained returns the model in eval mode (transformers 5.23), where
+        # dropout is off and checkpointed layers keep their activations instead of recomputing them.
+        self.engine.train()
         if scheduler is None:
             _scale_lrs(optimizer.param_groups)
             return
@@ -201,8 +207,28 @@ class DeepSpeedStrategy:
 
     # ---- full views of sharded state (collective: every rank calls) --------
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
-        """name -> full shape of every parameter (ZeRO-3 parameters are empty outside forward)."""
-        return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
+        """name -> full shape of every parameter of the model the handoff holds (ZeRO-3 parameters
+        are empty outside forward; with an adapter, the merged model's)."""
+        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
+        return shapes if self.adapter is None else merged_shapes(shapes, self.adapter)
+
+    def model_weights(self, adapter_tensors: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full fp32 weight) of the model the handoff holds, in name order: the engine's
+        parameters, or with an adapter the base merged with it one layer at a time (adapter_tensors:
+        filled with the adapter's own tensors on the way). Collective, as full_fp32_params."""
+        weights = self.full_fp32_params()
+        return weights if self.adapter is None else merged_weights(weights, self.adapter, adapter_tensors)
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Forwards inside run the base model alone: the adapters (and modules_to_save copies) are
+        bypassed, not removed, so a preference objective's reference log-probs come from the
+        frozen base without a second model. Works at every ZeRO stage (under ZeRO-3 the base's
+        partitions are gathered by the same hooks); wrap the forward in torch.no_grad()."""
+        if self.adapter is None:
+            raise RuntimeError(f"stage {self.stage.name} trains no adapter: there are no adapters to disable")
+        with self.module.disable_adapter():
+            yield
 
     def full_fp32_params(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full fp32 weight on CPU) one parameter at a time (all, or those named), in name
@@ -210,7 +236,7 @@ class DeepSpeedStrategy:
         none: its module weight, gathered under ZeRO-3). Collective under ZeRO-1..3: every rank
         runs it to the end and gets every value; no rank ever holds more than one full tensor."""
         params = dict(self.module.named_parameters())
-        if self.frozen_names and self.stage.settings.zero_stage == 3:
+        if self.frozen_names and self.stage.zero_stage == 3:
             # Parameters the last forward prefetched are still in flight, and gathering one asserts
             # ("Cannot partition a param in flight", DeepSpeed 0.19.8): release them first.
             self.engine.empty_partition_cache()
@@ -224,9 +250,10 @@ class DeepSpeedStrategy:
             yield name, (param if full is None else full).detach().float().cpu()
 
     def weights_digest(self, names: list[str] | None = None) -> str:
-        """WeightsDigest of the full fp32 weights (all, or those named). Collective."""
+        """WeightsDigest of the full fp32 weights: of the model the handoff holds (model_weights:
+        with an adapter, merged), or of the engine's parameters named. Collective."""
         digest = WeightsDigest()
-        for name, weight in self.full_fp32_params(names):
+        for name, weight in self.model_weights() if names is None else self.full_fp32_params(names):
             digest.update(name, weight)
         return digest.hexdigest()
 

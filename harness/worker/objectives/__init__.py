@@ -4,8 +4,11 @@ by the same kinds: a kind without its twin fails here, at import.
     base.py       the rank-side interface (RankObjective) and the held-out loss
     pretrain.py   blocks of the packed token stream
     finetune.py   rows with loss on responses, padded or packed; task metrics at eval
+    preference.py pairs of a chosen and a rejected response (DPO, IPO, SimPO, ORPO); the reference
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -16,9 +19,11 @@ from harness.worker.data import TokenizedSet, open_set
 from harness.worker.mixture import open_mixture
 from harness.worker.objectives.base import RankObjective
 from harness.worker.objectives.finetune import FinetuneRank
+from harness.worker.objectives.preference import PreferenceRank
 from harness.worker.objectives.pretrain import PretrainRank
+from harness.worker.strategy import DeepSpeedStrategy
 
-RANK_OBJECTIVES: dict[str, RankObjective] = {rank.objective.kind: rank for rank in (PretrainRank(), FinetuneRank())}
+RANK_OBJECTIVES: dict[str, RankObjective] = {rank.objective.kind: rank for rank in (PretrainRank(), FinetuneRank(), PreferenceRank())}
 if set(RANK_OBJECTIVES) != set(OBJECTIVES):
     raise ImportError(f"objectives without their rank-side twin: {sorted(set(OBJECTIVES) ^ set(RANK_OBJECTIVES))}")
 
@@ -27,6 +32,16 @@ def prepare_model(model: torch.nn.Module, tokenizer, stage: Stage) -> None:
     """Fit the model and tokenizer to every data set the stage reads (its objectives' prepare)."""
     for kind, spec in stage.data.sets.items():
         RANK_OBJECTIVES[kind].prepare(model, tokenizer, stage, spec)
+
+
+def begin_objectives(strategy: DeepSpeedStrategy, sets: dict[str, TokenizedSet], stage: Stage, start_digest: str, fresh: bool,
+                     micro: int) -> dict[str, Any]:
+    """Every data set's objective's begin (RankObjective.begin), once the engine holds its weights;
+    their manifest records. Collective."""
+    records: dict[str, Any] = {}
+    for kind, data in sets.items():
+        records.update(RANK_OBJECTIVES[kind].begin(strategy, data, stage, start_digest, fresh, micro))
+    return records
 
 
 def open_data(request: StoreRequest, seq_len: int, seed: int, pad_id: int) -> TokenizedSet:
@@ -45,4 +60,4 @@ def open_stage_data(stage: Stage, pad_id: int) -> dict[str, TokenizedSet]:
     return sets
 
 
-__all__ = ["RANK_OBJECTIVES", "RankObjective", "open_data", "open_stage_data", "prepare_model"]
+__all__ = ["RANK_OBJECTIVES", "RankObjective", "begin_objectives", "open_data", "open_stage_data", "prepare_model"]

@@ -30,7 +30,13 @@ class RankObjective:
     def prepare(self, model: torch.nn.Module, tokenizer, stage: Stage, spec: DataSpec) -> None:
         """Fit the model and tokenizer to this objective's data, before the engine is built."""
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def begin(self, strategy: DeepSpeedStrategy, data: TokenizedSet, stage: Stage, start_digest: str, fresh: bool, micro: int) -> dict[str, Any]:
+        """Once the engine holds the weights the stage goes on from (fresh: its start weights, whose
+        digest is start_digest; else a checkpoint's), before any step or eval: what the objective
+        derives from the start weights. Returns records for the manifest ({}: none). Collective."""
+        return {}
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], settings: TrainSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro batch's loss (what backward runs on) and its step metrics (each a mean over the
         micro batch; the step logs their mean over micro batches and ranks)."""
         return engine(**batch).loss, {}
