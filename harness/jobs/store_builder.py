@@ -97,7 +97,7 @@ class Pieces:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 return "busy"
-            if self.done(j):
+            if self.done(j) or (self.request.folder / META).is_file():  # its pieces are removed only once the store is there
                 return "there"
             for stale in self.folder.glob(f"{j:06d}.partial-*"):  # cut short: nobody holds its lock
                 shutil.rmtree(stale)
@@ -300,7 +300,11 @@ def _join(pieces: Pieces, started: float, reused: int) -> StoreMeta | None:
                          pieces=len(metas), pieces_reused=reused)
         (partial / META).write_text(meta.model_dump_json(indent=2) + "\n")
         os.rename(partial, final)
-        shutil.rmtree(pieces.folder)
+        # Out of the way first: a builder still waiting for a piece creates no file in it (it finds no
+        # folder, or the store), so the removal never races a new lock file ("directory not empty").
+        removed = pieces.folder.with_name(f"{pieces.folder.name}.removed-{os.getpid()}")
+        os.rename(pieces.folder, removed)
+        shutil.rmtree(removed)
         return meta
 
 
