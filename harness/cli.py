@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness.plan import PlanError
 from harness.records import RunDir
+from harness.records.token_store import parse_part
 from harness.records.exit_codes import PREEMPTED
 
 
@@ -20,12 +21,14 @@ def cmd_plan(args) -> int:
     """Validate, resolve, write each stage's DeepSpeed config and launcher command; launch nothing."""
     from harness.launch.setup import prepare, write_setup
     from harness.stages import launch_name
+    from harness.views.mixtures import print_mixtures
     from harness.views.tables import print_stages, print_stores
 
     setup = prepare(args.plan, args.out, force=args.force)
     launches = write_setup(setup)
     print_stages(setup, [group for group, _ in launches])
     print_stores(setup.stages, setup.plan.cache_dir)
+    print_mixtures(setup.stages)
     for group, argv in launches:
         print(f"\n# {launch_name(group)}\n{' '.join(argv)}")
     print(f"\nwrote {setup.run.phases}/*/stage.json and ds_config.json (each launch takes the first free port from the one "
@@ -37,10 +40,13 @@ def cmd_run(args) -> int:
     """Run every unfinished stage; a rerun skips done stages and resumes an interrupted one."""
     from harness.launch.orchestrator import run_stages
     from harness.launch.setup import prepare
+    from harness.views.mixtures import mixture_warnings
 
     setup = prepare(args.plan, args.out, force=args.force)
     if setup.plan.cluster.launcher == "slurm" and "SLURM_JOB_NODELIST" not in os.environ:
         raise PlanError([("cluster.launcher", "slurm", "runs inside a SLURM allocation: use `harness submit`, or run under salloc/sbatch")])
+    for line in mixture_warnings(setup.unfinished()):
+        print(f"[harness] {line}")
     run_stages(setup, only=args.only, verbose=args.verbose)
     return 0
 
@@ -48,11 +54,16 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     """SLURM: one sbatch job per unfinished stage, chained with afterok (or --single-job)."""
     from harness.launch.setup import prepare, write_setup
-    from harness.launch.slurm import render_jobs, submit_jobs
+    from harness.launch.slurm import render_jobs, render_tokenize_job, submit_jobs
+    from harness.records.token_store import META
+    from harness.stages import required_stores
 
     setup = prepare(args.plan, args.out, force=args.force)
     write_setup(setup)
     jobs = render_jobs(setup.stages, setup.unfinished(), Path(args.plan), setup.run, args.single_job)
+    to_build = [request for request in required_stores(setup.unfinished()) if not (request.folder / META).is_file()]
+    if jobs and args.tokenize_parts and to_build:
+        jobs.insert(0, render_tokenize_job(Path(args.plan), setup.run, setup.plan.slurm, setup.plan.name, args.tokenize_parts))
     if not jobs:
         print("every stage is done; nothing to submit")
         return 0
@@ -138,14 +149,28 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    """Build the plan's token stores now (as `run` does before launching), e.g. as a CPU job of its own."""
+    """Build the plan's token stores now (as `run` does before launching), e.g. as a CPU job of its own;
+    --part I/N builds part I of N of each (one per node or SLURM array task; the last part joins)."""
     from harness.launch.jobs import build_stores
     from harness.launch.setup import validated_stages
     from harness.stages import required_stores
 
     _, stages, _ = validated_stages(args.plan)
-    build_stores(required_stores(stages))
+    build_stores(required_stores(stages), part=args.part)
     return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        return parse_part(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of parts, 1 or more")
+    return int(text)
 
 
 def _stage_numbers(text: str) -> set[int]:
@@ -191,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--single-job", action="store_true", help="one allocation for every stage instead of one job per stage")
             p.add_argument("--dry-run", action="store_true", help="render the sbatch scripts under <out>/slurm/, submit nothing")
+            p.add_argument("--tokenize-parts", type=_count, default=0, metavar="N",
+                           help="first a job array of N CPU tasks that builds the token stores (`harness tokenize --part I/N`); the stages wait for it")
     tokenize = sub.add_parser("tokenize", help=cmd_tokenize.__doc__)
     tokenize.add_argument("plan", help="plan YAML file")
+    tokenize.add_argument("--part", type=_part, default=(1, 1), metavar="I/N",
+                          help="build part I of N of each store (pieces of about 1/N of the input); the part that finds every piece there joins them")
     configs = sub.add_parser("configs", help=cmd_configs.__doc__)
     configs.add_argument("plans", nargs="+", help="plan YAML files")
     configs.add_argument("--out", default="ds_configs", help="folder (default: ds_configs)")

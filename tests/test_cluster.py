@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import job_field, local_cluster, scancel, wait_job  # noqa: F401  (fixture)
+from cluster import job_field, local_cluster, sbatch, scancel, wait_job  # noqa: F401  (fixture)
 from conftest import DATA, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
 from test_multistep import alive
 from test_resume import wait_for
@@ -151,3 +151,21 @@ def test_ctrl_c_on_a_multinode_run_ends_every_rank_and_only_them(local_cluster, 
         decoy.kill()
         decoy.wait()
         run.kill()
+
+
+def test_the_tokenize_job_array_builds_a_store_in_parts_and_joins_it(local_cluster, tmp_path):
+    env = local_cluster.env()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(f"Paragraph {i}: ".encode() + b"the fox and the dog. " * (i % 40 + 1) + b"\n\n" for i in range(8000)))
+    plan = two_node_plan("tok", "slurm", 30320, [pretrain_phase("pre", steps=2, data={"files": [str(corpus)]})], local_cluster.hosts)
+    plan["cache_dir"] = str(tmp_path / "cache")
+    out = tmp_path / "run"
+    harness("submit", write_plan(tmp_path, plan), "--out", out, "--dry-run", "--tokenize-parts", "2", check=True, env=env)
+    job = sbatch(str(out / "slurm" / "tokenize.sbatch"), cwd=tmp_path, env=env)
+    assert [wait_job(f"{job}_{task}", 180, env=env) for task in (1, 2)] == ["COMPLETED", "COMPLETED"]
+    logs = [next((out / "slurm").glob(f"tokenize-{job}-{task}.out")).read_text() for task in (1, 2)]
+    assert all(f"part {task}/2" in log for task, log in zip((1, 2), logs))
+    assert sum("tokens in" in log for log in logs) == 1, "the task that found every piece there joined the store"
+    (store,) = [p for p in (tmp_path / "cache" / "tokens").iterdir() if p.is_dir()]
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["pieces"] >= 3 and meta["tokens"] == corpus.stat().st_size - meta["rows"], "every piece once"

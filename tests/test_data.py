@@ -31,7 +31,7 @@ def load_set(kind: str, spec: DataSpec, seq_len: int, seed: int, cache_dir) -> T
 
 
 def train_arrays(data: TokenizedSet) -> dict[str, np.ndarray]:
-    return data.samples.arrays(data.train_indices)
+    return data.samples.arrays(data.order.at(np.arange(data.n_train)))
 
 
 def test_pretrain_text_is_packed_into_full_blocks_with_eos_between_documents(tmp_path, tokenizer):
@@ -80,7 +80,7 @@ def test_ranks_take_disjoint_slices_and_positions_cross_epochs(tmp_path, tokeniz
     rows = [{"prompt": f"p{i} ", "response": f"r{i}"} for i in range(21)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = load_set("finetune", DataSpec(files=[str(tmp_path / "pairs.jsonl")]), 16, 0, tmp_path / "c")
-    stream = SampleStream(data, seed=0)
+    stream = SampleStream(data)
     n = data.n_train  # 20
     step = [stream.batch(micro_batch_position(0, 2, a, r, 2), 2)["input_ids"] for a in range(2) for r in range(2)]
     seen = [tuple(x) for b in step for x in b.tolist()]

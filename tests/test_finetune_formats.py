@@ -66,7 +66,7 @@ def test_packed_stage_starts_with_the_loss_of_the_same_rows_padded(run):
     request = store_request("finetune", DataSpec(files=[str(DATA / "chat.jsonl")], **CHAT), "bytes",
                             TOKEN_CACHE, "data")
     data = open_data(request, 128, SEED, byte_tokenizer().pad_token_id)
-    stream = SampleStream(data, SEED)
+    stream = SampleStream(data)
     start = AutoModelForCausalLM.from_pretrained(stage_dir(run, "sharegpt") / "model", dtype=torch.float32).eval()
     losses = []
     for rank in range(RANKS):

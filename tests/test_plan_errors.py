@@ -100,12 +100,12 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
 
 # (phase kind, its data, the one problem reported: field path, words of what is allowed)
 DATA_CASES = [
-    ("pretrain", {"files": []}, "phases[0].data", "give exactly one of files or hub"),
+    ("pretrain", {"files": []}, "phases[0].data", "give exactly one of files, hub or sources"),
     ("pretrain", {"files": [str(PRETRAIN_TEXT)], "format": "csv"}, "phases[0].data.format", "'auto', 'text', 'json' or 'parquet'"),
-    ("pretrain", {"files": [str(PRETRAIN_TEXT)], "hub": "org/set"}, "phases[0].data", "give exactly one of files or hub"),
+    ("pretrain", {"files": [str(PRETRAIN_TEXT)], "hub": "org/set"}, "phases[0].data", "give exactly one of files, hub or sources"),
     ("finetune", {"files": [str(FINETUNE_JSONL)], "eval_fraction": 1.0}, "phases[0].data.eval_fraction", "less than 1"),
     ("finetune", {"files": [str(FINETUNE_JSONL)], "pretrain": {"files": []}}, "phases[0].data.pretrain", "Extra inputs are not permitted"),
-    ("multistep", {**MULTISTEP_DATA, "pretrain": {"files": []}}, "phases[0].data.pretrain", "give exactly one of files or hub"),
+    ("multistep", {**MULTISTEP_DATA, "pretrain": {"files": []}}, "phases[0].data.pretrain", "give exactly one of files, hub or sources"),
     ("multistep", {**MULTISTEP_DATA, "finetune": {"files": [str(FINETUNE_JSONL)], "eval_fraction": 0}}, "phases[0].data.finetune.eval_fraction", "greater than 0"),
     ("multistep", {"files": [str(PRETRAIN_TEXT)]}, "phases[0]", "a multistep phase needs data: {pretrain: ..., finetune: ..., mix: ...}"),
 ]

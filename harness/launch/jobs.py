@@ -83,14 +83,17 @@ def convert_checkpoint(request: dict[str, Any]) -> None:
         raise RuntimeError(f"converting {request['checkpoint']} for a {request['mode']} resume failed:\n{result.stderr[-3000:]}")
 
 
-def build_stores(requests: list[StoreRequest], echo: Callable[[str], None] = print) -> None:
+def build_stores(requests: list[StoreRequest], echo: Callable[[str], None] = print, part: tuple[int, int] = (1, 1)) -> None:
     """Build every store that is not complete yet, one child process each (harness/jobs/store_builder.py,
-    with its progress bar). A problem in the data itself becomes a PlanError naming the data set (exit 2)."""
+    with its progress bar); part (I, N): only part I of N of each, joined by the part that completes it.
+    A problem in the data itself becomes a PlanError naming the data set (exit 2)."""
     for request in requests:
         if (request.folder / META).is_file():
             continue
-        echo(f"[harness] tokenizing {request.where} into {request.folder}")
-        result = subprocess.run([*_job("store_builder"), request.model_dump_json()], stderr=subprocess.PIPE, text=True)
+        of = f" (part {part[0]}/{part[1]})" if part[1] > 1 else ""
+        echo(f"[harness] tokenizing {request.where}{of} into {request.folder}")
+        command = [*_job("store_builder"), request.model_dump_json(), "--part", f"{part[0]}/{part[1]}"]
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
         if result.returncode == DATA_PROBLEM_EXIT:
             raise PlanError([(request.where, request.data.hub or request.data.files, result.stderr.strip().splitlines()[-1])])
         if result.returncode != 0:

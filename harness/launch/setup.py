@@ -59,9 +59,10 @@ def detect_accelerator(choice: str) -> str:
 
 
 def count_train_rows(spec: DataSpec) -> int:
-    """Rows of a fine-tune data set that are trained on (all rows minus the eval hold-out)."""
-    rows = objectives.count_rows(spec)
-    return rows - eval_size(rows, spec)
+    """Rows of a fine-tune data set that are trained on (all rows minus the eval hold-out; of a
+    mixture, of every source)."""
+    rows = [(objectives.count_rows(one), one) for one, _ in spec.weighted_sets()]
+    return sum(n - eval_size(n, one) for n, one in rows)
 
 
 def model_config(model: ModelSpec) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def check_built_stores(stages: list[Stage]) -> None:
     prompt that leaves no response token within seq_len): PlanError naming the file and line."""
     problems = []
     for stage in stages:
-        for kind, request in stage_stores(stage).items():
+        for kind, request in ((kind, request) for kind, requests in stage_stores(stage).items() for request in requests):
             for sample, expected, found in OBJECTIVES[kind].built_store_problems(request.folder, stage.settings):
                 file, where = (request.data.hub, f"row {sample + 1}") if request.data.hub else row_location(request.data, sample)
                 problems.append((request.where, file, f"{expected} ({where} {found})"))

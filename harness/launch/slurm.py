@@ -21,6 +21,8 @@ from harness.records.exit_codes import PREEMPTED
 from harness.stages import Stage, launch_groups, launch_name
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "stage.sbatch"
+TOKENIZE_TEMPLATE = TEMPLATE.with_name("tokenize.sbatch")
+TOKENIZE_JOB = "tokenize"
 
 
 def sbatch_options(spec: SlurmSpec, accelerator: str, procs_per_node: int) -> list[str]:
@@ -53,6 +55,24 @@ def render_sbatch(*, job_name: str, what: str, nodes: int, tasks_per_node: int, 
         preempted=PREEMPTED,
         max_requeues=spec.max_requeues,
     )
+
+
+def render_tokenize_job(plan_path: Path, run: RunDir, spec: SlurmSpec, run_name: str, parts: int) -> SlurmJob:
+    """The job array that tokenizes the run's token stores in `parts` parts, one CPU task each
+    (`harness tokenize --part I/N`), written under <run>/slurm/. Pure but for writing the script."""
+    run.slurm.mkdir(parents=True, exist_ok=True)
+    script = run.slurm_script(TOKENIZE_JOB)
+    cpu_only = spec.model_copy(update={"gpus_per_node": 0})  # tokenizing uses no GPU
+    script.write_text(Template(TOKENIZE_TEMPLATE.read_text()).substitute(
+        job_name=f"{run_name}:{TOKENIZE_JOB}",
+        parts=parts,
+        time=spec.time,
+        log=run.slurm / f"{TOKENIZE_JOB}-%A-%a.out",
+        options="".join(f"#SBATCH {option}\n" for option in sbatch_options(cpu_only, "cpu", 0)),
+        workdir=run.root,
+        command=shell_quote([sys.executable, "-m", "harness.cli", "tokenize", str(plan_path.resolve())]),
+    ))
+    return SlurmJob(name=TOKENIZE_JOB, script=str(script), stages=[])
 
 
 def render_jobs(stages: list[Stage], unfinished: list[Stage], plan_path: Path, run: RunDir, single_job: bool) -> list[SlurmJob]:
@@ -92,7 +112,8 @@ def _job_of(launch: list[Stage], harness: list[str]) -> tuple[str, list[Stage], 
 
 
 def submit_jobs(jobs: list[SlurmJob], run: RunDir) -> list[SlurmJob]:
-    """sbatch each job, each depending (afterok) on the one before; record ids in <run>/slurm/jobs.json."""
+    """sbatch each job, each depending (afterok) on the one before (on a job array: on every task of
+    it); record ids in <run>/slurm/jobs.json."""
     previous = None
     for job in jobs:
         dependency = [f"--dependency=afterok:{previous}"] if previous else []

@@ -14,7 +14,7 @@ imports nothing else of the harness, and never torch.
 """
 from harness.plan.checks import FileProblem, expand_files, folder_problem
 from harness.plan.cluster import ClusterSpec, SlurmSpec, WandbSpec
-from harness.plan.data import DataSpec, MixSpec, MultistepData
+from harness.plan.data import MIX_CYCLE, DataSource, DataSpec, MixSpec, MultistepData
 from harness.plan.errors import PlanError, Problem
 from harness.plan.fields import NAME_PATTERN, Strict, is_secret
 from harness.plan.load import default_cache_dir, load_plan, parse_plan
@@ -27,7 +27,8 @@ from harness.plan.training import (CPU_UNSUPPORTED_OPTIMIZERS, FastParts, Metric
 
 __all__ = [
     "ALL_LINEAR", "AdapterSpec", "BUILTIN_CONFIGS", "BYTE_VOCAB", "CPU_UNSUPPORTED_OPTIMIZERS", "OBJECTIVE_KINDS", "LAYER_RANGE", "NAME_PATTERN", "TOKENIZER_FILES", "ClusterSpec", "DataSpec",
-    "FastParts", "FileProblem", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec", "PreferenceSpec",
+    "DataSource", "FastParts", "FileProblem", "MIX_CYCLE", "MetricName", "MixSpec", "ModelSpec", "MultistepData", "OffloadSpec", "OptimizerSpec", "PhaseSpec",
+    "PreferenceSpec",
     "Plan", "PlanError", "Problem", "RegularizationSpec", "SchedulerSpec", "SlurmSpec", "StageSettings", "Strict", "TrainSettings",
     "TrainableSpec", "WandbSpec", "default_cache_dir", "deep_merge", "expand_files", "folder_problem", "is_secret", "load_plan", "parse_plan",
 ]

@@ -51,7 +51,7 @@ def check_phase(i: int, phase: PhaseSpec, base_dir: Path, file_problem: FileProb
         if spec.packing and kind == "pretrain":
             problems.append((f"phases[{i}].{where}.packing", True, "false for pretrain data: pretrain blocks are always packed (documents "
                              "end to end, seq_len tokens a block, no padding); packing lays fine-tune rows end to end"))
-        for k, pattern in enumerate(spec.files):
+        for k, pattern in enumerate(spec.files):  # a mixture's sources each come as a data set of their own
             files = expand_files([pattern], base_dir)
             if not files:
                 problems.append((f"phases[{i}].{where}.files[{k}]", pattern, "an existing file, or a glob that matches files"))
@@ -72,6 +72,9 @@ def _preference_problems(i: int, phase: PhaseSpec) -> list[Problem]:
         if stage.preference is not None:
             problems.append((f"phases[{i}].stages[{j}].preference", stage.preference.model_dump(exclude_none=True),
                              "a block of preference phases only (kind: preference); a multistep stage trains pretrain and finetune data"))
+    if phase.kind == "preference" and phase.data.sources:  # the reference log-probabilities are kept per store
+        problems.append((f"phases[{i}].data.sources", len(phase.data.sources), "files or hub: a preference phase reads one data set "
+                         "(weighted mixtures are for pretrain and finetune data)"))
     for where, kind, spec in _data_specs(phase):
         if not _rows_fit(kind, spec) and kind == "preference":
             problems.append((f"phases[{i}].{where}.rows", spec.rows, "preference (or unset): a preference phase reads pairs of a chosen "
@@ -93,10 +96,14 @@ def _rows_fit(kind: str, spec: DataSpec) -> bool:
 
 
 def _data_specs(phase: PhaseSpec) -> list[tuple[str, str, DataSpec]]:
-    """(field path in the phase, kind of rows, data set) of each data set of a phase."""
+    """(field path in the phase, kind of rows, data set) of each data set of a phase; a mixture's
+    sources one by one ('data.sources[1]')."""
     if isinstance(phase.data, MultistepData):
-        return [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
-    return [("data", phase.kind, phase.data)]
+        sides = [("data.pretrain", "pretrain", phase.data.pretrain), ("data.finetune", "finetune", phase.data.finetune)]
+    else:
+        sides = [("data", phase.kind, phase.data)]
+    return [(f"{where}.sources[{k}]" if spec.sources else where, kind, one)
+            for where, kind, spec in sides for k, (one, _) in enumerate(spec.weighted_sets())]
 
 
 def expand_files(patterns: list[str], base_dir: Path) -> list[str]:

@@ -1,5 +1,5 @@
-"""The data blocks of a plan: one data set (files or a hub set, and how its rows read), and the
-pair a multistep phase alternates between."""
+"""The data blocks of a plan: one data set (files or a hub set, and how its rows read), or a
+weighted mixture of several, and the pair a multistep phase alternates between."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,37 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from harness.plan.fields import Strict
+
+MIX_CYCLE = 10_000
+"""Samples in one cycle of a mixture (harness/stages/mixture.py): a source's share is counted in
+1/MIX_CYCLE, so each source needs at least that share."""
+
+
+class DataSource(Strict):
+    """One data set of a weighted mixture (data.sources): where its rows are and its weight. How its
+    rows read (columns, row shape, held-out share) comes from the data block around it, but for the
+    fields given here."""
+
+    files: list[str] = []
+    """Files or globs, relative to the plan (as data.files)."""
+    hub: str | None = None
+    """A Hugging Face hub dataset name (as data.hub)."""
+    split: str = "train"
+    """hub: the split to read (as data.split)."""
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    """How this source's files read (as data.format; auto: by the suffix)."""
+    text_field: str | None = None
+    """pretrain: this source's text column, when it is not the data block's text_field."""
+    weight: float = Field(gt=0)
+    """Its share of the samples drawn, relative to the other sources' weights (0.7 and 0.3, or 7 and
+    3). A pretrain sample is a block of seq_len tokens, so this is its share of the tokens."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if bool(self.files) == bool(self.hub):
+            raise ValueError("give exactly one of files or hub")
+        return self
+
 
 class DataSpec(Strict):
     """One data set: local files (text, jsonl, parquet, compressed jsonl/text) or a hub name when online.
@@ -72,12 +103,41 @@ class DataSpec(Strict):
     """Held-out share for evaluation (taken deterministically from the end after shuffling with the seed)."""
     eval_max_samples: int = Field(64, ge=1)
     """At most this many held-out samples (rows, or pretrain blocks of seq_len tokens)."""
+    # ---- weighted mixtures (harness/stages/mixture.py; the rank side: harness/worker/mixture.py) ----
+    sources: list[DataSource] = []
+    """Several data sets drawn by weight instead of files or hub, e.g. [{files: [web/*.jsonl.gz],
+    weight: 0.7}, {files: [code/*.parquet], weight: 0.3}]. Each source is tokenized into its own
+    store and keeps its own held-out split and epoch order; the samples of every step are drawn in
+    the sources' proportions, the same for every seed, in a fixed interleave (exact over each
+    cycle of 10,000 samples). The stage's data position is the mixture's, so a resume or a later
+    stage on the same mixture continues the same stream. The manifest records what each source gave
+    (data_mix: samples, tokens, epochs); `harness plan` shows the epochs expected of each."""
+    exhausted: Literal["repeat", "stop"] | None = None
+    """sources: when a source has drawn all its training samples. repeat: it starts another epoch
+    (up-sampled; its epochs are recorded); stop: the stage ends before the step that would start a
+    source's second epoch. Unset: repeat, and `harness plan` warns when a source is expected to repeat."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if bool(self.files) == bool(self.hub):
-            raise ValueError("give exactly one of files or hub")
+        if sum(map(bool, (self.files, self.hub, self.sources))) != 1:
+            raise ValueError("give exactly one of files, hub or sources")
+        if self.exhausted is not None and not self.sources:
+            raise ValueError("exhausted applies to a mixture (sources)")
+        total = sum(source.weight for source in self.sources)
+        light = [k for k, source in enumerate(self.sources) if source.weight / total < 1 / MIX_CYCLE]
+        if light:
+            raise ValueError(f"sources[{light[0]}].weight is under 1/{MIX_CYCLE:,} of the weights' sum: give it more, or leave it out")
         return self
+
+    def weighted_sets(self) -> list[tuple[DataSpec, float]]:
+        """Each data set with its share of the samples: the sources of a mixture as whole data sets
+        (the fields a source does not give are this block's), or this one with share 1."""
+        if not self.sources:
+            return [(self, 1.0)]
+        total = sum(source.weight for source in self.sources)
+        return [(self.model_copy(update={"files": s.files, "hub": s.hub, "split": s.split, "format": s.format,
+                                         "text_field": s.text_field or self.text_field, "sources": [], "exhausted": None}), s.weight / total)
+                for s in self.sources]
 
     def resolved_format(self) -> str:
         """'text', 'json' or 'parquet'; a compressed file by the suffix under .gz, .bz2, .xz or .zst."""

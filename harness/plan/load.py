@@ -129,7 +129,8 @@ def _resolve_paths(plan: Plan, base_dir: Path) -> Plan:
         return str((base_dir / p).resolve())
 
     def data(spec: DataSpec) -> DataSpec:
-        return spec.model_copy(update={"files": expand_files(spec.files, base_dir)})
+        sources = [source.model_copy(update={"files": expand_files(source.files, base_dir)}) for source in spec.sources]
+        return spec.model_copy(update={"files": expand_files(spec.files, base_dir), "sources": sources})
 
     phases = []
     for phase in plan.phases:

@@ -11,9 +11,15 @@ from pydantic import Field
 from harness.records.engine import EngineIdentity
 from harness.records.files import FileCheck, Record
 
-MANIFEST_FORMAT = 4
-"""The format of manifests and checkpoint markers. 4: one EngineIdentity replaces the flat engine
-fields and the separate handoff/resume settings (3: digests are xxh3-128; 2: sha256)."""
+MANIFEST_FORMAT = 5
+"""The format of manifests and checkpoint markers. 5: data positions index the sample order computed
+per position (harness/worker/order.py); 4: one EngineIdentity replaces the flat engine fields and
+the separate handoff/resume settings (3: digests are xxh3-128; 2: sha256)."""
+SAMPLE_ORDER_CHANGE = (
+    "its data positions count samples in the stored permutations of format 4; this harness computes the "
+    "order per position, so the same position holds other samples and another held-out split: continuing "
+    "mid-epoch would repeat some samples and skip others")
+"""Why a stage folder of format 4 is not continued (older_format)."""
 
 class Progress(Record):
     """How far a stage got: in every checkpoint marker and in the manifest."""
@@ -35,7 +41,7 @@ class CheckpointRecord(Record):
     """checkpoints/step<N>/complete: written by rank 0 once every rank saved its part. The tag
     counts only while every file it lists is there, whole and unchanged."""
 
-    format: Literal[4] = MANIFEST_FORMAT
+    format: Literal[5] = MANIFEST_FORMAT
     """The harness version that wrote it (a tag of another format is not resumed: older_format)."""
     progress: Progress
     engine: EngineIdentity

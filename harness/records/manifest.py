@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from harness.records.checkpoints import MANIFEST_FORMAT, LoadRecord, ResumeRecord
+from harness.records.checkpoints import MANIFEST_FORMAT, SAMPLE_ORDER_CHANGE, LoadRecord, ResumeRecord
 from harness.records.engine import Adapter, EngineIdentity
 from harness.records.files import FileCheck, InvalidRecord, Record, damaged_files
 from harness.records.layout import StageDir
@@ -100,6 +100,19 @@ class EmbeddingResize(Record):
     them, drawn from a normal around the old rows' mean with their covariance."""
 
 
+class SourceDraw(Record):
+    """What one source of a weighted mixture gave a stage (manifest data_mix)."""
+
+    inputs: list[str]
+    quota: int
+    """Its samples in every cycle of the mixture (harness/stages/mixture.py)."""
+    samples: int
+    tokens: int
+    """Tokens of the samples drawn in this stage (rows as cut to seq_len)."""
+    epochs: float
+    """Epochs of the source drawn in all by the stage's end: over 1, it was repeated (up-sampled)."""
+
+
 class ReferenceRecord(Record):
     """A preference stage's reference log-probabilities (dpo, ipo): where they are, and whether this
     attempt of the stage computed them from its start weights or read them (harness/worker/objectives/preference.py)."""
@@ -116,7 +129,7 @@ class ReferenceRecord(Record):
 class Manifest(Record):
     """manifest.json: written last and atomically by rank 0; the stage is done while it is valid."""
 
-    format: Literal[4] = MANIFEST_FORMAT
+    format: Literal[5] = MANIFEST_FORMAT
     stage: str
     index: int
     phase: str
@@ -160,6 +173,8 @@ class Manifest(Record):
     `auto` setting's choice with its reason (None: no estimate, or written without one)."""
     reference: ReferenceRecord | None = None
     """A dpo or ipo stage's reference log-probabilities (None: other stages)."""
+    data_mix: dict[str, list[SourceDraw]] = {}
+    """Per data set that is a weighted mixture (by objective kind): what each source gave, in source order."""
 
 
 
@@ -184,11 +199,12 @@ def is_done(stage_dir: StageDir) -> bool:
 
 def older_format(stage_dir: StageDir) -> str | None:
     """The file of a stage folder that an older harness wrote (a manifest of another format, or a
-    checkpoint marker that holds only progress), if any: its stage must not be rerun over it."""
+    checkpoint marker that holds only progress), with why it matters, if any: its stage must not be
+    rerun over it, nor its data position continued."""
     try:
         manifest = json.loads(stage_dir.manifest.read_text())
         if isinstance(manifest, dict) and manifest.get("format") not in (None, MANIFEST_FORMAT):
-            return f"{stage_dir.manifest} (format {manifest.get('format')})"
+            return f"{stage_dir.manifest} (format {manifest.get('format')}{_why(manifest.get('format'))})"
     except (OSError, ValueError):
         pass
     for marker in stage_dir.checkpoints.glob("step*/complete"):
@@ -199,5 +215,9 @@ def older_format(stage_dir: StageDir) -> str | None:
         if isinstance(record, dict) and "stage_step" in record and "engine" not in record:
             return f"{marker} (progress only)"
         if isinstance(record, dict) and record.get("format") != MANIFEST_FORMAT:
-            return f"{marker} (format {record.get('format', 2)})"
+            return f"{marker} (format {record.get('format', 2)}{_why(record.get('format', 2))})"
     return None
+
+
+def _why(found_format) -> str:
+    return f": {SAMPLE_ORDER_CHANGE}" if found_format == 4 else ""

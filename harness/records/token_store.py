@@ -17,12 +17,24 @@ the tokens and nothing that only cuts, orders or lays out rows (seq_len, seed, p
 stage, rerun and run on the same data shares one store. A store is built in a folder of its own
 (harness/jobs/store_builder.py) and renamed into place when complete, so a half-built store is
 never used.
+
+A store is built in pieces, each a part of the input tokenized on its own (harness/jobs/store_pieces.py),
+then joined: the rows of piece 0, then those of piece 1, ... are the rows of the whole input read in
+one go. While it is built:
+
+    <cache_dir>/tokens/<key>.pieces/
+      plan.json         PiecePlan: the pieces, fixed by the first builder (every later one, on any node, reads it)
+      <j>/              a finished piece: tokens.bin, offsets.bin (from 0), loss_mask.bin, piece.json (PieceMeta)
+      <j>.partial-<pid> a piece being built (or cut short: the next builder of piece j removes it)
+      <j>.lock          held while piece j is built, so a piece is built once whoever builds the store
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,11 +45,13 @@ META = "meta.json"
 TOKENS = "tokens.bin"
 OFFSETS = "offsets.bin"
 LOSS_MASK = "loss_mask.bin"
-BYTES_TOKENIZER_ID = "bytes-v1"  # change when harness.worker.model.byte_tokenizer changes
+BYTES_TOKENIZER_ID = "bytes-v1"  # change when harness.worker.tokenizer.byte_tokenizer changes
 # Every file that can change how a tokenizer folder tokenizes (plan.TOKENIZER_FILES: those that make one).
 TOKENIZER_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                             "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
                             "chat_template.jinja", "chat_template.json")
+PIECE_PLAN = "plan.json"
+PIECE_META = "piece.json"
 DATA_PROBLEM_EXIT = 2  # the builder's exit code for a problem in the data (missing column, unreachable hub set)
 
 
@@ -68,6 +82,11 @@ class StoreRequest(BaseModel):
     def folder(self) -> Path:
         return Path(self.cache_dir) / "tokens" / self.key
 
+    @property
+    def pieces_folder(self) -> Path:
+        """Where its pieces are built before they are joined into `folder`."""
+        return Path(self.cache_dir) / "tokens" / f"{self.key}.pieces"
+
 
 class StoreMeta(BaseModel):
     """meta.json of a complete store."""
@@ -83,10 +102,66 @@ class StoreMeta(BaseModel):
     inputs: list[str]
     tokenizer: str
     build_seconds: float
+    """Wall time of the build that joined it (the pieces built by that build and the join)."""
+    pieces: int = 1
+    pieces_reused: int = 0
+    """Pieces that were already built when the joining build started (an earlier build cut short, or other nodes)."""
 
     @classmethod
     def read(cls, folder: Path) -> StoreMeta:
         return cls.model_validate_json((folder / META).read_text())
+
+
+class Piece(BaseModel):
+    """One piece of a store's input (harness/jobs/store_pieces.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    """A file, or the hub set's name."""
+    reader: Literal["text", "jsonl", "parquet", "datasets"]
+    """text, jsonl: bytes start..end of a plain file, or a compressed file whole through its
+    decompressor; parquet: row groups start..end; datasets: the whole file or hub set, read with
+    Hugging Face datasets (JSON arrays, .zst files, hub sets)."""
+    start: int = 0
+    end: int = 0
+    compression: str | None = None
+    """The suffix of a compressed text or JSON Lines file (.gz, .bz2, .xz), read whole."""
+    size: int
+    """The input bytes it covers (what the progress bar counts)."""
+
+
+class PiecePlan(BaseModel):
+    """plan.json of a store being built: its pieces in row order."""
+
+    pieces: list[Piece]
+
+    def part(self, i: int, n: int) -> list[int]:
+        """The pieces of part i of n (1-based): consecutive pieces, about 1/n of the input bytes each."""
+        total = sum(piece.size for piece in self.pieces) or 1
+        mine, before = [], 0
+        for j, piece in enumerate(self.pieces):
+            middle = before + piece.size / 2  # a piece belongs to the part its middle falls in
+            if min(n - 1, int(middle * n / total)) == i - 1:
+                mine.append(j)
+            before += piece.size
+        return mine
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'I/N' (part I of N, 1 <= I <= N) -> (I, N); raises ValueError saying what is allowed."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise ValueError(f"{text!r}: a part I/N with 1 <= I <= N, e.g. 2/8")
+    return int(i), int(n)
+
+
+class PieceMeta(BaseModel):
+    """piece.json of a finished piece."""
+
+    rows: int
+    tokens: int
+    seconds: float
 
 
 @functools.lru_cache(maxsize=None)  # every stage's key needs it; the files do not change during a run

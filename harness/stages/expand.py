@@ -94,13 +94,13 @@ def stage_fields(plan: Plan) -> list[str]:
 def _phase_parts(phase: PhaseSpec):
     """(stage name, settings, data, location in the plan) for each stage of a phase."""
     if not isinstance(phase.data, MultistepData):
-        yield phase.name, phase.settings(), StageData(sets={phase.kind: phase.data}, source=phase.kind), ""
+        yield phase.name, phase.settings(), StageData.of({phase.kind: phase.data}, phase.kind), ""
         return
     for cycle in range(1, phase.cycles + 1):
         for j in range(len(phase.stages)):
             stage = phase.stage_settings(j)  # valid: parse_plan checked every stage
             suffix = stage.name or _optimizer_label(stage)
-            data = StageData(sets={"pretrain": phase.data.pretrain, "finetune": phase.data.finetune}, source=stage.data, mix=phase.data.mix)
+            data = StageData.of({"pretrain": phase.data.pretrain, "finetune": phase.data.finetune}, stage.data, phase.data.mix)
             settings = TrainSettings.model_validate(stage.model_dump(include=set(TrainSettings.model_fields)))
             yield f"{phase.name}.c{cycle}.s{j + 1}-{suffix}", settings, data, f".stages[{j}]"
 
@@ -156,7 +156,8 @@ def _resolve(plan: Plan, phase: PhaseSpec, index: int, name: str, settings: Trai
     if accelerator == "cpu" and settings.optimizer.type in CPU_UNSUPPORTED_OPTIMIZERS and (settings.offload == "auto" or not settings.offload.optimizer):
         raise _StageProblem("optimizer.type", settings.optimizer.type, "on CPU: Adam, AdamW, Adagrad, SGD, RMSprop (Lamb/Lion fail on CPU in DeepSpeed 0.19.8)")
     rows_kind, row_spec = _row_set(data)
-    train_rows = context.count_train_rows(row_spec) if row_spec is not None and row_spec.hub is None else None
+    local = row_spec is not None and all(one.hub is None for one, _ in row_spec.weighted_sets())
+    train_rows = context.count_train_rows(row_spec) if local else None
     if train_rows is not None and data.source in (rows_kind, "mix") and train_rows < global_batch:
         raise _StageProblem("global_batch", global_batch, f"at most {train_rows}, the training rows of the {OBJECTIVES[rows_kind].label} data "
                             "(its rows less the eval hold-out): give more rows or a smaller global_batch")

@@ -12,6 +12,7 @@ from harness.plan import BYTE_VOCAB, ClusterSpec, DataSpec, MixSpec, ModelSpec, 
 from harness.records import EmbeddingResize, EngineIdentity, Record, ResumePoint, StartDecision
 from harness.records.memory import MemoryPlan
 from harness.stages.fast import FastChoice
+from harness.stages.mixture import MixPlan, mix_plan
 from harness.stages.trainable import TrainableSet
 
 
@@ -24,6 +25,13 @@ class StageData(Strict):
     source: str
     """The objective kind every step draws from, or 'mix' (multistep: `mix` decides per step)."""
     mix: Literal["alternate"] | MixSpec = "alternate"
+    mixes: dict[str, MixPlan] = {}
+    """The sets that are weighted mixtures (data.sources): how their sources are drawn (harness/stages/mixture.py)."""
+
+    @classmethod
+    def of(cls, sets: dict[str, DataSpec], source: str, mix: Literal["alternate"] | MixSpec = "alternate") -> StageData:
+        """The stage data of these sets, with the mix of each that is a mixture."""
+        return cls(sets=sets, source=source, mix=mix, mixes={kind: plan for kind, spec in sets.items() if (plan := mix_plan(spec))})
 
     @property
     def packs_rows(self) -> bool:

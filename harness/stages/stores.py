@@ -32,12 +32,13 @@ def store_request(kind: str, spec: DataSpec, tokenizer: str, cache_dir: str, whe
     return StoreRequest(kind=kind, data=spec, tokenizer=tokenizer, cache_dir=cache_dir, where=where, key=store_key(kind, spec, tokenizer))
 
 
-def stage_stores(stage: Stage) -> dict[str, StoreRequest]:
-    """The stores a stage reads, by objective kind."""
+def stage_stores(stage: Stage) -> dict[str, list[StoreRequest]]:
+    """The stores a stage reads, by objective kind: one, or one per source of a mixture."""
     requests = {}
     for kind, spec in stage.data.sets.items():
         where = f"stage '{stage.name}' data" + (f".{kind}" if len(stage.data.sets) > 1 else "")
-        requests[kind] = store_request(kind, spec, stage.model.tokenizer, stage.cache_dir, where)
+        requests[kind] = [store_request(kind, one, stage.model.tokenizer, stage.cache_dir, f"{where}.sources[{k}]" if spec.sources else where)
+                          for k, (one, _) in enumerate(spec.weighted_sets())]
     return requests
 
 
@@ -45,6 +46,6 @@ def required_stores(stages: list[Stage]) -> list[StoreRequest]:
     """Every distinct store the stages read, in first-use order."""
     requests: dict[str, StoreRequest] = {}
     for stage in stages:
-        for request in stage_stores(stage).values():
+        for request in (r for kind_requests in stage_stores(stage).values() for r in kind_requests):
             requests.setdefault(request.key, request)
     return list(requests.values())

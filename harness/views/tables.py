@@ -67,7 +67,7 @@ def _objective_notes(setup, stage: Stage) -> list[str]:
     """What the stage's objectives say about it (Objective.stage_notes: a preference stage's reference),
     given the digest of its start weights where the launch side knows it."""
     digest = _start_digest(setup, stage)
-    return [note for kind, request in stage_stores(stage).items()
+    return [note for kind, requests in stage_stores(stage).items() for request in requests
             for note in OBJECTIVES[kind].stage_notes(stage.settings, stage.precision, request.folder, digest, request.data)]
 
 

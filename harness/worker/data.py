@@ -4,10 +4,10 @@ fine-tune rows), a held-out split, and a sample stream addressed by position so 
 next) stage continues where the last one stopped. Ranks read only the rows of their batches, so a
 rank's memory does not grow with the corpus.
 
-Order is deterministic from the seed: epoch e visits the training samples in
-the permutation drawn from (seed, e). Every rank computes the same global
-indices for a step and takes its own slice, so no sampler state is needed
-beyond one integer per data set: the number of samples consumed.
+Order is deterministic from the seed and computed per position (harness/worker/order.py: keyed
+permutations, nothing stored, so a rank's memory for it does not grow with the data set). Every
+rank computes the same global indices for a step and takes its own slice, so no sampler state is
+needed beyond one integer per data set: the number of samples consumed.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -25,10 +25,11 @@ from harness.objectives import OBJECTIVES
 from harness.plan import DataSpec
 from harness.records.token_store import LOSS_MASK, OFFSETS, STORE_FORMAT, TOKENS, StoreMeta, StoreRequest
 from harness.stages import eval_size
+from harness.worker.order import EpochOrder
 
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
 # DataSpec fields that change neither which rows a data position holds nor their order.
-LAYOUT_FIELDS = {"packing"}
+LAYOUT_FIELDS = {"packing", "exhausted"}
 # DataSpec fields that came with the row shapes: a data stream's key counts them only when set.
 ROW_SHAPE_FIELDS = {"rows", "instruction_field", "input_field", "output_field", "system_field", "history_field", "messages_field",
                     "tools_field", "chosen_field", "rejected_field"}
@@ -82,6 +83,10 @@ class TokenStore:
         begin, end = self._read(self._offsets, r, 2)
         return self.span(int(begin), int(end - begin))
 
+    def row_length(self, r: int) -> int:
+        begin, end = self._read(self._offsets, r, 2)
+        return int(end - begin)
+
     def row_with_mask(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """A row's tokens and their loss mask (0 none, 1 response, 2 end of a response)."""
         begin, end = (int(x) for x in self._read(self._offsets, r, 2))
@@ -101,6 +106,19 @@ class Samples(Protocol):
         """Held-out samples, as evaluation slices them into batches of micro_batch samples."""
 
 
+class SampleOrder(Protocol):
+    """Which samples train, in which order (harness/worker/order.py EpochOrder; a mixture's MixedOrder)."""
+
+    n_train: int
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The sample indices at these stream positions."""
+
+    def exhausted_by(self, end: int) -> str | None:
+        """What would run out of unseen samples before position `end`, when the data set then stops
+        (a mixture with data.exhausted: stop); None: the stream goes on."""
+
+
 class LaysOutSamples(Protocol):
     """An objective's rank side, as far as data goes (harness/worker/objectives)."""
 
@@ -110,62 +128,53 @@ class LaysOutSamples(Protocol):
 
 @dataclass
 class TokenizedSet:
-    """One data set: its samples, split into training indices and a small held-out set."""
+    """One data set: its samples, the order its training samples are drawn in, and a small held-out set."""
 
     key: str
     kind: str
     samples: Samples
-    train_indices: np.ndarray
+    order: SampleOrder
     eval_indices: np.ndarray
     eval: dict[str, np.ndarray]
     """The held-out samples, in memory (at most eval_max_samples)."""
+    take_drawn: Callable[[], list[int]] = list
+    """A mixture's: tokens each source gave this rank's training batches since the last call
+    (harness/worker/mixture.py); one data set: []."""
 
     @property
     def n_train(self) -> int:
-        return len(self.train_indices)
+        return self.order.n_train
 
 
 def dataset_key(spec: DataSpec, kind: str, seq_len: int, seed: int) -> str:
     """Identity of a data stream: the same key means a later stage continues its position."""
-    unset = {name for name in ROW_SHAPE_FIELDS if getattr(spec, name) == DataSpec.model_fields[name].default}  # keys as before row shapes
+    # Keys as before row shapes and mixtures: those fields count only when set.
+    unset = {name for name in ROW_SHAPE_FIELDS | {"sources"} if getattr(spec, name) == DataSpec.model_fields[name].default}
     text = json.dumps([spec.model_dump(mode="json", exclude=LAYOUT_FIELDS | unset), kind, seq_len, seed], sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def _split(n: int, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled train indices and the held-out eval indices (the last eval_size after shuffling)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = eval_size(n, spec)
-    return order[:-n_eval], order[-n_eval:]
-
-
-def open_set(request: StoreRequest, objective: LaysOutSamples, seq_len: int, seed: int, pad_id: int) -> TokenizedSet:
-    """The data set of a store built by the launch side, laid out by its objective, split with the seed."""
+def open_set(request: StoreRequest, objective: LaysOutSamples, seq_len: int, seed: int, pad_id: int, stream: int = 0) -> TokenizedSet:
+    """The data set of a store built by the launch side, laid out by its objective, split and ordered
+    with the seed (stream: tells apart the sources of a mixture, which share the seed)."""
     store = TokenStore(request.folder)
     spec = request.data
     laid_out = objective.samples(store, spec, seq_len, pad_id)
-    train_indices, eval_indices = _split(laid_out.count, spec, seed)
+    order = EpochOrder(laid_out.count, eval_size(laid_out.count, spec), seed, stream)
+    eval_indices = order.held_out()
     key = dataset_key(spec, request.kind, seq_len, seed)
-    return TokenizedSet(key, request.kind, laid_out, train_indices, eval_indices, laid_out.eval_arrays(eval_indices))
+    return TokenizedSet(key, request.kind, laid_out, order, eval_indices, laid_out.eval_arrays(eval_indices))
 
 
 class SampleStream:
-    """Training samples of one set in seeded epoch order, addressed by global position."""
+    """Training samples of one set in its order, addressed by global position."""
 
-    def __init__(self, data: TokenizedSet, seed: int):
+    def __init__(self, data: TokenizedSet):
         self.data = data
-        self.seed = seed
-        self._epoch_orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._epoch_orders:
-            self._epoch_orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.data.n_train)}
-        return self._epoch_orders[epoch]
 
     def samples_at(self, start: int, count: int) -> np.ndarray:
         """Sample indices (fine-tune: store rows) at global positions start .. start+count-1 (crossing epochs as needed)."""
-        n = self.data.n_train
-        return self.data.train_indices[np.array([self._order(p // n)[p % n] for p in range(start, start + count)])]
+        return self.data.order.at(np.arange(start, start + count, dtype=np.int64))
 
     def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
         """The samples at global positions start .. start+count-1, in the training layout."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -20,18 +19,7 @@ import xxhash
 
 from harness.plan import BUILTIN_CONFIGS, ModelSpec
 from harness.records import EmbeddingResize, FileCheck
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens plus <pad>, <s>, </s>: any text, no training, no network."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for special in ("<pad>", "<s>", "</s>"):
-        vocab[special] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+from harness.worker.tokenizer import byte_tokenizer, load_tokenizer  # noqa: F401  (byte_tokenizer: model.byte_tokenizer, as before)
 
 
 def build_tokenizer(spec: ModelSpec, handoff_dir: Path | None) -> PreTrainedTokenizerFast:
@@ -39,16 +27,6 @@ def build_tokenizer(spec: ModelSpec, handoff_dir: Path | None) -> PreTrainedToke
     if handoff_dir is not None:
         return AutoTokenizer.from_pretrained(handoff_dir)
     return load_tokenizer(spec.tokenizer)
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    """'bytes' (the built-in byte tokenizer) or a local tokenizer folder, with a pad token."""
-    if name == "bytes":
-        return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def build_model(spec: ModelSpec, tokenizer, seed: int, handoff_dir: Path | None, load_weights: bool = True) -> torch.nn.Module:

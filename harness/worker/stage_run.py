@@ -24,9 +24,10 @@ from harness.worker import heartbeat
 from harness.worker.handoff import Checkpointer, start_point, write_rank_file
 from harness.worker.memory import record_memory, watch_end
 from harness.worker.metrics import MetricsLog, NullMetrics
+from harness.worker.mixture import realised_mix
 from harness.worker.model import build_model, build_tokenizer, parameter_storage
 from harness.worker.monitor import NullMonitor, start_monitor
-from harness.worker.objectives import begin_objectives, open_data, prepare_model
+from harness.worker.objectives import begin_objectives, open_stage_data, prepare_model
 from harness.worker.regularization import NoRegularizer, make_regularizer
 from harness.worker.strategy import DeepSpeedStrategy
 
@@ -113,7 +114,7 @@ class StageRun:
         model = adapted(model, stage)
         record_memory(stage_dir, strategy.rank, "model_built", parameters=parameter_storage(model))
         s = stage.settings
-        sets = {kind: open_data(request, s.seq_len, s.seed, tokenizer.pad_token_id) for kind, request in stage_stores(stage).items()}
+        sets = open_stage_data(stage, tokenizer.pad_token_id)
         strategy.setup(model)
         fast.compile(strategy.engine)
         record_memory(stage_dir, strategy.rank, "initialized")
@@ -137,7 +138,8 @@ class StageRun:
         """The checkpoint, the Hugging Face model and the manifest (harness/worker/handoff.py). Collective."""
         extra = {"engine_optimizer": type(self.strategy.base_optimizer).__name__, "wandb_run_id": self.monitor.run_id,
                  "regularization": self.regularizer.values(), "trainable": self.checkpointer.trainable_record(), "fast": self.fast.record(),
-                 "batch": self.batch, "memory": self.stage.memory, "embedding_resize": self.stage.embedding_resize, **self.records}
+                 "batch": self.batch, "memory": self.stage.memory, "embedding_resize": self.stage.embedding_resize, **self.records,
+                 "data_mix": realised_mix(self.stage, self.sets, stage_stores(self.stage), self.progress) if self.strategy.is_rank0 else {}}
         self.checkpointer.save_handoff(self.progress, last_eval, self.model, self.tokenizer, extra)
         record_memory(self.dir, self.strategy.rank, "end", **self.strategy.device_memory())
         self.monitor.log_model(self.dir.model)

@@ -91,7 +91,7 @@ def run_stage(stage_file: Path, stop: StopRequest, previous_in_launch: StageDir 
 def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
     """Train until the stage's last step; returns the final eval metrics, or None when stopped early."""
     stage, strategy, s = run.stage, run.strategy, run.stage.settings
-    streams = {kind: SampleStream(data, s.seed) for kind, data in run.sets.items()}
+    streams = {kind: SampleStream(data) for kind, data in run.sets.items()}
     micro, grad_accum = run.batch.micro_batch, run.batch.grad_accum
     micro_steps = grad_accum * strategy.world_size
     head = {"stage": stage.name, "phase": stage.phase, "kind": stage.kind, "optimizer": stage.optimizer_type}
@@ -107,6 +107,13 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         data, objective = run.sets[source], RANK_OBJECTIVES[source]
         pace.step_begins(step)
         first = progress.data_position.get(data.key, 0)
+        ran_out = data.order.exhausted_by(first + stage.global_batch)
+        if ran_out:  # a mixture with data.exhausted: stop
+            if strategy.is_rank0:
+                print(f"[harness] {stage.name}: {ran_out} has no unseen samples left for step {step} (data.exhausted: stop); the stage ends",
+                      flush=True)
+            bar.close()
+            return {}
         loss_sum, tokens, metric_sums = 0.0, 0, {}
         for accum_index in range(grad_accum):
             position = micro_batch_position(first, micro, accum_index, strategy.rank, strategy.world_size)
@@ -118,10 +125,14 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         run.regularizer.apply_to_gradients()
         lr = strategy.current_lr()  # the rate this step used; the scheduler moves it in optimizer_step
         strategy.optimizer_step()
-        # One all-reduce per step: loss, tokens, stop requests, the objective's metrics and the penalties.
-        reduced = strategy.all_reduce_sum([loss_sum, tokens, float(run.stop.asked), *metric_sums.values(), *run.regularizer.partial_sums()])
+        # One all-reduce per step: loss, tokens, stop requests, the objective's metrics, the penalties
+        # and, from a mixture, the tokens each source gave.
+        penalties, drawn = run.regularizer.partial_sums(), data.take_drawn()
+        reduced = strategy.all_reduce_sum([loss_sum, tokens, float(run.stop.asked), *metric_sums.values(), *penalties, *drawn])
         loss_sum, tokens, stops = reduced[:3]
         metric_means = {key: value / micro_steps for key, value in zip(metric_sums, reduced[3:])}
+        rest = reduced[3 + len(metric_sums):]
+        penalty_sums, drawn = rest[:len(penalties)], rest[len(penalties):]
 
         progress.stage_step = step
         progress.samples_seen += stage.global_batch
@@ -135,7 +146,8 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
             "train/grad_norm": strategy.grad_norm(),
             **pace.step_ends(step, tokens),
             **metric_means,
-            **run.regularizer.metrics(reduced[3 + len(metric_sums):]),
+            **run.regularizer.metrics(penalty_sums),
+            **{f"data/{source}_source{k}_tokens": int(n) for k, n in enumerate(drawn)},
         }
         if step % s.eval_every == 0 or step == stage.steps:
             last_eval = run.evaluate()

@@ -14,8 +14,9 @@ import torch
 
 from harness.objectives import OBJECTIVES
 from harness.records.token_store import StoreRequest
-from harness.stages import Stage
+from harness.stages import Stage, stage_stores
 from harness.worker.data import TokenizedSet, open_set
+from harness.worker.mixture import open_mixture
 from harness.worker.model import resize_embeddings
 from harness.worker.objectives.base import RankObjective
 from harness.worker.objectives.finetune import FinetuneRank
@@ -51,4 +52,15 @@ def open_data(request: StoreRequest, seq_len: int, seed: int, pad_id: int) -> To
     return open_set(request, RANK_OBJECTIVES[request.kind], seq_len, seed, pad_id)
 
 
-__all__ = ["RANK_OBJECTIVES", "RankObjective", "begin_objectives", "open_data", "prepare_model"]
+def open_stage_data(stage: Stage, pad_id: int) -> dict[str, TokenizedSet]:
+    """Every data set the stage trains on, by kind: a store, or a weighted mixture of several
+    (harness/worker/mixture.py)."""
+    s, sets = stage.settings, {}
+    for kind, requests in stage_stores(stage).items():
+        plan = stage.data.mixes.get(kind)
+        sets[kind] = open_data(requests[0], s.seq_len, s.seed, pad_id) if plan is None else \
+            open_mixture(kind, stage.data.sets[kind], requests, plan, RANK_OBJECTIVES[kind], s.seq_len, s.seed, pad_id)
+    return sets
+
+
+__all__ = ["RANK_OBJECTIVES", "RankObjective", "begin_objectives", "open_data", "open_stage_data", "prepare_model"]
