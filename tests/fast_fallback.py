@@ -4,6 +4,7 @@ three ways: eager, compiled, and compiled with no working C++ compiler for induc
 FastPath warnings, then one JSON line with the three losses and the broken run's FastRecord."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def first_loss(fast) -> tuple[float, dict]:
     strategy.setup(model)
     path.compile(strategy.engine)
     ids = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
-    loss = float(strategy.train_micro_step(RANK_OBJECTIVES["pretrain"].loss, {"input_ids": ids, "labels": ids}, forward_guard=path.first_forward)[0])
+    loss = float(strategy.train_micro_step(functools.partial(RANK_OBJECTIVES["pretrain"].loss, settings=stage.settings), {"input_ids": ids, "labels": ids}, forward_guard=path.first_forward)[0])
     record = path.record().model_dump()
     strategy.close()
     del model
