@@ -35,10 +35,11 @@ def fp32_digest(checkpoints: Path, tag: str) -> str:
 
 
 def interrupted(tmp_path: Path, port: int, procs: int, **settings) -> tuple[Path, Path, dict]:
-    """A one-stage run killed at step 8 (rank 0 SIGKILLs itself): checkpoints step3 and step6."""
+    """A one-stage run killed at step 9 (rank 0 SIGKILLs itself): checkpoints step3 and step6, steps
+    1-8 logged."""
     plan = make_plan("elastic", [pretrain_phase("p", steps=STEPS, checkpoint_every=3, global_batch=GLOBAL_BATCH, **settings)], port=port, procs=procs)
     plan_path, out = write_plan(tmp_path, plan), tmp_path / "run"
-    failed = harness("run", plan_path, "--out", out, env={**os.environ, "HARNESS_FAULT": "p:step8:0"})
+    failed = harness("run", plan_path, "--out", out, env={**os.environ, "HARNESS_FAULT": "p:step9:0"})
     assert failed.returncode == 1, failed.stderr
     stage = StageDir(out / "phases" / "00-p")
     assert stage.latest_checkpoint() == "step6" and not stage.manifest.exists()
@@ -79,6 +80,7 @@ def test_resume_at_another_world_size_reshards_the_checkpoint(killed, tmp_path: 
         _, out, plan = interrupted(tmp_path, 29900 + 10 * zero + before, before, zero_stage=zero)
     stage = StageDir(out / "phases" / "00-p")
     saved = fp32_digest(stage.checkpoints, "step6")
+    first_attempt = {row["stage_step"]: row["train/loss"] for row in metric_rows(stage.root)}
 
     shown = harness("plan", write_plan(tmp_path, {**plan, "cluster": {**plan["cluster"], "procs_per_node": after}}), "--out", out, "--force", check=True)
     assert "universal" in shown.stdout
@@ -94,6 +96,10 @@ def test_resume_at_another_world_size_reshards_the_checkpoint(killed, tmp_path: 
     assert CheckpointRecord.read(stage.checkpoints / f"step{STEPS}" / "complete").engine.world_size == after
     assert_steps_once_and_data_continued(stage, manifest)
     assert not list(stage.checkpoints.glob("universal-*")), "the converted copy goes once the stage is done"
+    # The same global batch by accumulation on fewer ranks (or by more ranks), Adam's moments and
+    # step count carried: steps 7 and 8 as the first attempt ran them, to float rounding.
+    resumed = {row["stage_step"]: row["train/loss"] for row in metric_rows(stage.root)}
+    assert [resumed[7], resumed[8]] == pytest.approx([first_attempt[7], first_attempt[8]], rel=1e-5)
 
 
 def test_other_engine_settings_continue_from_the_consolidated_weights(tmp_path: Path):

@@ -115,12 +115,17 @@ class DeepSpeedStrategy:
                           "train_batch_size": micro_batch * grad_accum * self.world_size}
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
 
-    def train_micro_step(self, loss_of: LossOf, batch: dict[str, torch.Tensor], extra_loss=None, forward_guard=None
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_micro_step(self, loss_of: LossOf, batch: dict[str, torch.Tensor], extra_loss=None, forward_guard=None,
+                         last_of_step: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of one micro batch: loss_of(engine, batch) is the objective's loss and
         step metrics (harness/worker/objectives); extra_loss() a penalty added before backward.
         Returns the objective's loss (without penalties) and metrics, detached. forward_guard(forward)
-        runs the forward (FastPath.first_forward: the first compiled one)."""
+        runs the forward (FastPath.first_forward: the first compiled one). last_of_step: the step's
+        last micro batch, after which optimizer_step runs."""
+        # optimizer_step calls engine.step() once per step, not once per micro batch: the engine is
+        # told where the boundary is, or it would count steps as micro batches and update every
+        # grad_accum-th step with grad_accum steps' gradients.
+        self.engine.set_gradient_accumulation_boundary(last_of_step)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         forward = lambda: loss_of(self.engine, batch)  # noqa: E731
         loss, metrics = forward() if forward_guard is None else forward_guard(forward)
@@ -197,6 +202,16 @@ class DeepSpeedStrategy:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{tag}' in {folder}")
+        # ZeRO-3's universal load (DeepSpeed 0.19.8) puts one `step` tensor into every sub-group's
+        # state, which Adam then advances once per sub-group and step (a wrong bias correction),
+        # and writes group 0's hyperparameters into every group.
+        for state in self.base_optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        if self.ds_config.get("checkpoint", {}).get("load_universal"):
+            scheduled = self.current_lr()
+            for group, own in zip(self.engine.optimizer.param_groups, hyperparams):
+                group.update({**own, "lr": scheduled * own["lr_scale"]})
         if not with_scheduler:
             # Moments come from the checkpoint; lr, betas, momentum, decay from this stage's config.
             for group, fresh in zip(self.engine.optimizer.param_groups, hyperparams):

@@ -118,7 +118,8 @@ def train(run: StageRun, progress: Progress) -> dict[str, float] | None:
         for accum_index in range(grad_accum):
             position = micro_batch_position(first, micro, accum_index, strategy.rank, strategy.world_size)
             batch = streams[source].batch(position, micro)
-            loss, metrics = strategy.train_micro_step(partial(objective.loss, settings=s), batch, run.regularizer.loss_term, run.fast.first_forward)
+            loss, metrics = strategy.train_micro_step(partial(objective.loss, settings=s), batch, run.regularizer.loss_term, run.fast.first_forward,
+                                                      last_of_step=accum_index == grad_accum - 1)
             loss_sum = loss_sum + loss
             metric_sums = {key: metric_sums.get(key, 0.0) + value for key, value in metrics.items()}
             tokens += token_count(batch)
