@@ -111,18 +111,27 @@ def test_the_frozen_base_comes_out_bit_identical(run: Path):
         assert record["frozen_digest_start"] == record["frozen_digest_end"] == digest({n: incoming[base_name(n)] for n in frozen})
 
 
+def assert_merged_is_base_plus_scaled_b_times_a(run: Path, stage: str, base_stage: str, scale: float) -> set[str]:
+    """The stage's handoff against W + scale·B·A, computed here from its adapter file and the base's
+    handoff; returns the names of the adapted weights."""
+    base, merged, adapter = weights(run, base_stage), weights(run, stage), weights(run, stage, "adapter")
+    assert set(merged) == set(base)
+    targets = {k.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight": k for k in adapter if ".lora_A." in k}
+    assert targets, "the adapter file holds LoRA matrices"
+    for name, a_key in targets.items():
+        a, b = adapter[a_key].double(), adapter[a_key.replace(".lora_A.", ".lora_B.")].double()
+        expected = base[name].double() + scale * (b @ a)
+        assert torch.allclose(merged[name].double(), expected, rtol=0, atol=1e-6), name
+        assert not torch.equal(merged[name], base[name]), f"{name}: the adapter trained"
+    return set(targets)
+
+
 def test_merged_weights_are_the_base_plus_scaled_b_times_a_from_the_adapter_file(run: Path):
     base = weights(run, "00-pre")
     for stage in ("01-sft", "02-sft-more"):  # both adapt the same base: sft-more carried sft's adapters on
         merged, adapter = weights(run, stage), weights(run, stage, "adapter")
-        assert set(merged) == set(base)
-        targets = {k.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight": k for k in adapter if ".lora_A." in k}
+        targets = assert_merged_is_base_plus_scaled_b_times_a(run, stage, "00-pre", ALPHA / R)
         assert len(targets) == 14, "all-linear: 7 projections in each of 2 layers, not the head"
-        for name, a_key in targets.items():
-            a, b = adapter[a_key].double(), adapter[a_key.replace(".lora_A.", ".lora_B.")].double()
-            expected = base[name].double() + (ALPHA / R) * (b @ a)
-            assert torch.allclose(merged[name].double(), expected, rtol=0, atol=1e-6), name
-            assert not torch.equal(merged[name], base[name]), f"{name}: the adapter trained"
         assert torch.equal(merged["lm_head.weight"], adapter["base_model.model.lm_head.weight"]), "the head: its trained copy"
         untouched = set(base) - set(targets) - {"lm_head.weight"}
         assert untouched and all(torch.equal(merged[n], base[n]) for n in untouched), "embeddings and norms as they came"

@@ -4,6 +4,8 @@ preemption with requeue and resume, a failing stage, and Ctrl-C that ends exactl
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from cluster import job_field, local_cluster, sbatch, scancel, wait_job  # noqa: F401  (fixture)
 from conftest import DATA, REPO, finetune_phase, harness, make_plan, manifests, metric_rows, pretrain_phase, write_plan
+from test_adapter_run import assert_merged_is_base_plus_scaled_b_times_a
 from test_multistep import alive
 from test_resume import wait_for
 
@@ -28,14 +31,21 @@ def two_node_plan(name: str, launcher: str, port: int, phases: list[dict], hosts
 
 
 def three_stages() -> list[dict]:
-    """pre, sft, then dpo: the dpo ranks, on two nodes, share its reference pass and gather it."""
+    """pre, a LoRA sft (its ZeRO-3 handoff gathers and merges across the two nodes), then dpo from
+    the merged model: the dpo ranks, on two nodes, share its reference pass and gather it."""
     dpo = {"name": "dpo", "kind": "preference", "data": {"files": [str(DATA / "cipher_pairs.jsonl")]}, "steps": 3, "zero_stage": 3,
            "seq_len": 24, "task_metrics": []}
-    return [pretrain_phase("pre", steps=4, zero_stage=2), finetune_phase("sft", steps=4, zero_stage=3), dpo]
+    lora = {"adapter": {"r": 4, "alpha": 8, "targets": ["all-linear"], "modules_to_save": []}}
+    return [pretrain_phase("pre", steps=4, zero_stage=2), finetune_phase("sft", steps=4, zero_stage=3, trainable=lora), dpo]
 
 
-def check_dpo(sft: dict, dpo: dict) -> None:
-    """The dpo stage computed its reference (its plan has a token cache of its own) from the sft handoff."""
+def check_sft_and_dpo(out: Path) -> None:
+    """The LoRA sft started from pre's handoff, left the base as it was and handed over W + 2·B·A;
+    the dpo stage computed its reference (its plan has a token cache of its own) from that."""
+    pre, sft, dpo = manifests(out)
+    assert sft["start_weights_digest"] == pre["weights_digest"] and sft["load"]["mode"] == "weights_only" and sft["global_step_end"] == 8
+    assert sft["trainable"]["frozen_digest_start"] == sft["trainable"]["frozen_digest_end"]
+    assert len(assert_merged_is_base_plus_scaled_b_times_a(out, "01-sft", "00-pre", 8 / 4)) == 14
     assert dpo["start_weights_digest"] == sft["weights_digest"] and dpo["global_step_end"] == 11
     assert (dpo["reference"]["pairs"], dpo["reference"]["reused"]) == (400, False) and "eval/rewards/accuracies" in dpo["eval"]
 
@@ -53,9 +63,7 @@ def test_pdsh_launch_runs_one_rank_on_each_node(local_cluster, tmp_path):
     plan["cache_dir"] = str(tmp_path / "cache")
     out = tmp_path / "run"
     harness("run", write_plan(tmp_path, plan), "--out", out, check=True, env=local_cluster.env())
-    pre, sft, dpo = manifests(out)
-    assert sft["start_weights_digest"] == pre["weights_digest"] and sft["global_step_end"] == 8
-    check_dpo(sft, dpo)
+    check_sft_and_dpo(out)
     for stage_dir in sorted((out / "phases").iterdir()):
         ranks = rank_records(stage_dir)
         assert [(r["rank"], r["node_rank"], r["address"]) for r in ranks] == [(0, 0, "127.0.0.1"), (1, 1, "127.0.0.2")]
@@ -75,9 +83,7 @@ def test_submit_runs_the_afterok_chain_on_two_slurm_nodes(local_cluster, tmp_pat
     for job in (first, second, third):
         assert wait_job(job, 240, env=env) == "COMPLETED"
     assert job_field(second, "StartTime", env=env) >= job_field(first, "EndTime", env=env)
-    pre, sft, dpo = manifests(out)
-    assert sft["start_weights_digest"] == pre["weights_digest"]
-    check_dpo(sft, dpo)
+    check_sft_and_dpo(out)
     for stage_dir in sorted((out / "phases").iterdir()):
         assert [r["slurm_node"] for r in rank_records(stage_dir)] == ["n1", "n2"]
     status = harness("status", out, check=True, env=env).stdout
@@ -150,6 +156,30 @@ def test_ctrl_c_on_a_multinode_run_ends_every_rank_and_only_them(local_cluster, 
     finally:
         decoy.kill()
         decoy.wait()
+        run.kill()
+
+
+def test_a_stopped_rank_on_the_second_node_is_named_and_every_node_ended(local_cluster, tmp_path):
+    plan = two_node_plan("hang", "pdsh", 29760, [pretrain_phase("long", steps=2000, checkpoint_every=10, hang_timeout=10)], local_cluster.hosts)
+    out = tmp_path / "run"
+    stage = StageDir(out / "phases" / "00-long")
+    run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", write_plan(tmp_path, plan), "--out", out],
+                           cwd=REPO, env=local_cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stage.metrics.exists() and len(stage.metrics.read_text().splitlines()) >= 5, 240, "5 steps logged")
+        ranks = rank_records(stage.root)
+        pids = [pid for r in ranks for pid in (r["pid"], r["launcher_pid"])]
+        assert [r["node_rank"] for r in ranks] == [0, 1]
+        os.kill(ranks[1]["pid"], signal.SIGSTOP)
+        _, stderr = run.communicate(timeout=10 + 60 + 30)
+        assert run.returncode == 1, stderr[-3000:]
+        assert re.search(r"hung: no progress for \d+ s \(allowed (10|60) s\); rank 1 on \S+ is stuck, its heartbeat stopped", stderr), stderr
+        assert re.search(r"rank 1 \(\S+, stuck, .*\); stack \(py-spy dump\) in " + re.escape(str(stage.rank_log(1))), stderr), stderr
+        wait_for(lambda: not any(alive(pid) for pid in pids), 10, "every rank and per-node launcher of both nodes to end")
+    finally:
+        for pid in (r["pid"] for r in rank_records(stage.root)) if stage.ranks.exists() else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         run.kill()
 
 

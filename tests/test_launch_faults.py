@@ -194,6 +194,11 @@ def test_a_stopped_rank_is_found_named_and_ended_and_the_rerun_finishes_as_unint
     assert weights(out) == weights(four_runs["ref"][0])
 
 
+def checkpoint_bytes(stage: StageDir) -> int:
+    """The bytes of one of the stage's checkpoint tags (its last), as its marker lists them."""
+    return sum(check.bytes for check in CheckpointRecord.read(stage.checkpoints / f"step{STEPS}" / CHECKPOINT_COMPLETE).files.values())
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A tmpfs mounted for the test (CI runs as root); skipped where mounting one is not allowed."""
@@ -210,7 +215,7 @@ def small_disk(tmp_path: Path):
 
 def test_a_full_disk_stops_the_save_naming_the_folder_and_the_rerun_resumes_from_the_intact_checkpoint(four_runs, small_disk: Path):
     ref = StageDir(four_runs["ref"][0] / "phases" / "00-pre")
-    tag_bytes = sum(check.bytes for check in CheckpointRecord.read(ref.checkpoints / f"step{STEPS}" / CHECKPOINT_COMPLETE).files.values())
+    tag_bytes = checkpoint_bytes(ref)
     # Room for the step-20 checkpoint and the run's other files, half a checkpoint short at step 40.
     size = 4096 * ((3 * tag_bytes // 2 + (512 << 10)) // 4096)
     subprocess.run(["mount", "-o", f"remount,size={size}", str(small_disk)], check=True)
@@ -229,6 +234,30 @@ def test_a_full_disk_stops_the_save_naming_the_folder_and_the_rerun_resumes_from
     rerun = harness("run", plan_path, "--out", out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "stage pre: resuming from checkpoint step20" in rerun.stdout
+    assert weights(out) == weights(four_runs["ref"][0])
+
+
+def test_a_full_disk_at_the_handoff_counts_no_handoff_and_the_rerun_writes_it(four_runs, small_disk: Path):
+    ref = StageDir(four_runs["ref"][0] / "phases" / "00-pre")
+    tag_bytes = checkpoint_bytes(ref)
+    model_bytes = sum(p.stat().st_size for p in ref.model.iterdir())
+    # Every tag kept: room for the three checkpoints and the run's other files, half the handoff model short.
+    size = 4096 * ((3 * tag_bytes + (256 << 10) + model_bytes // 2) // 4096)
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(small_disk)], check=True)
+    plan_path, out = write_plan(small_disk, ref_plan("ref", keep_checkpoints=3)), small_disk / "run"
+    stage = StageDir(out / "phases" / "00-pre")
+
+    failed = harness("run", plan_path, "--out", out)
+
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"the disk is full (ENOSPC, or the quota: EDQUOT) writing the handoff model into {stage.model}: about " in failed.stderr
+    assert stage.checkpoint_tags() == ["step20", "step40", "step60"] and not is_done(stage), "no handoff counted done"
+    assert "resumes from its newest intact checkpoint (step60)" in failed.stderr
+
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)  # space made
+    rerun = harness("run", plan_path, "--out", out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage pre: resuming from checkpoint step60" in rerun.stdout
     assert weights(out) == weights(four_runs["ref"][0])
 
 

@@ -11,6 +11,8 @@ side, because it needs torch; writes `<out>.partial` and renames it when complet
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,23 @@ def _universal_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
     return saved["param"] if isinstance(saved, dict) else saved
 
 
+def rank_model_states(tag: Path) -> list[dict]:
+    files = sorted(tag.glob("zero_pp_rank_*_model_states.pt"), key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name)[1]))
+    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+
+
+def frozen_weights(states: list[dict]) -> dict[str, torch.Tensor]:
+    """The tag's frozen parameters (an adapter stage's base), which ds_to_universal leaves out: from
+    every rank's model states, each holding its fragment (ZeRO-3) or the whole tensor (ZeRO-1/2).
+    The frozen base is held once, whole, as DeepSpeed's zero_to_fp32 holds it."""
+    weights = {}
+    for name, shape in (states[0].get("frozen_param_shapes") or {}).items():
+        numel, fragments = math.prod(shape), [state["frozen_param_fragments"][name] for state in states]
+        whole = fragments[0] if fragments[0].numel() == numel else torch.cat([f.flatten() for f in fragments])
+        weights[name] = whole.flatten()[:numel].view(tuple(shape)).float()
+    return weights
+
+
 def consolidate(tag: Path, out: Path, model: ModelSpec, adapter: Adapter | None) -> None:
     """The tag's fp32 weights as a Hugging Face folder; a tag of an adapter stage as its merged
     model (the stage then resumes with a fresh adapter on it, as a changed adapter starts)."""
@@ -48,9 +67,14 @@ def consolidate(tag: Path, out: Path, model: ModelSpec, adapter: Adapter | None)
         universal = out / "universal"
         to_universal(tag, universal)
         files = {p.name: p / "fp32.pt" for p in (universal / "zero").iterdir() if p.is_dir()}
-        # Shapes first (memory-mapped: no data read), then one tensor at a time.
-        shapes = {name: tuple(_universal_tensor(path, mmap=True).shape) for name, path in files.items()}
-        weights = ((name, _universal_tensor(files[name])) for name in sorted(files))
+        states = rank_model_states(tag)
+        frozen = {name: weight for name, weight in frozen_weights(states).items() if name not in files}
+        # The saved shapes: ZeRO-3's universal tensors are flat.
+        saved = {name: tuple(shape) for group in states[0]["param_shapes"] for name, shape in group.items()}
+        saved.update({name: tuple(weight.shape) for name, weight in frozen.items()})
+        del states
+        shapes = dict(saved)
+        weights = ((name, frozen[name] if name in frozen else _universal_tensor(files[name]).view(saved[name])) for name in sorted(saved))
     else:  # fp32 ZeRO-0: every rank saved the whole module, so it fits like one rank's copy
         module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         shapes = {name: tuple(w.shape) for name, w in module.items()}

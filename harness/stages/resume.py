@@ -8,13 +8,12 @@ since it was saved (a rerun with --force and an edited plan):
 
 - native:       same engine settings (or ZeRO-0 fp32, whose state is whole on every rank):
                 DeepSpeed loads the tag as it is.
-- universal:    only the world size changed, within a ZeRO family, with Adam or AdamW, every
-                parameter training: the tag is converted with DeepSpeed's ds_to_universal and
-                loaded with load_universal; optimizer moments and scheduler carried.
+- universal:    only the world size changed, within a ZeRO family, with Adam or AdamW (frozen
+                parameters and adapters included): the tag is converted with DeepSpeed's
+                ds_to_universal and loaded with load_universal; optimizer moments and scheduler carried.
 - consolidated: anything else that changed (ZeRO family, optimizer type, precision,
-                offload, trainable set; the world size of a stage with frozen parameters, which
-                ds_to_universal is not known to handle): the tag's fp32 weights in a Hugging Face
-                folder, a fresh optimizer, and the step, scheduler position and data position kept.
+                offload, trainable set): the tag's fp32 weights in a Hugging Face folder (an adapter
+                stage's merged), a fresh optimizer, and the step, scheduler position and data position kept.
 - refused:      the model changed, or the tag is past the stage's new end: PlanError (exit 2)
                 with the way out.
 What changed is `differences` of the tag's engine and the stage's (harness/records/engine.py), the
@@ -80,7 +79,7 @@ def _load_mode(stage: Stage, stage_dir: StageDir, tag: str, record: CheckpointRe
     if set(changed) == {"world size"} and saved.zero_stage == 0 and saved.dtype != "bf16":
         return ResumePoint(mode="native", reason=f"world size {_change(changed['world size'])}: ZeRO-0 state is whole on every rank", **common)
     summary = ", ".join(f"{what} {_change(values)}" for what, values in changed.items())
-    if set(changed) == {"world size"} and saved.optimizer in UNIVERSAL_OPTIMIZERS and saved.layout == "all":
+    if set(changed) == {"world size"} and saved.optimizer in UNIVERSAL_OPTIMIZERS:
         return ResumePoint(mode="universal", load_folder=str(stage_dir.checkpoints / f"universal-{tag}"),
                            reason=f"{summary}: {tag} resharded as a universal checkpoint, optimizer moments and scheduler carried", **common)
     return ResumePoint(mode="consolidated", load_folder=str(stage_dir.checkpoints / f"consolidated-{tag}"),
