@@ -44,7 +44,9 @@ def _universal_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
 
 
 def rank_model_states(tag: Path) -> list[dict]:
+    """Each rank's model states under ZeRO-3; the one file the ranks share under ZeRO-1/2."""
     files = sorted(tag.glob("zero_pp_rank_*_model_states.pt"), key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name)[1]))
+    files = files or sorted(tag.glob("mp_rank_*_model_states.pt"))[:1]
     return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
 
