@@ -214,3 +214,18 @@ def test_adapters_at_zero_0_1_2_on_one_rank(one_rank: Path):
     adapter = weights(one_rank, "02-z2", "adapter")
     assert records[2]["trainable"]["trainable_params"] == sum(t.numel() for t in adapter.values())
     assert all(".layers.1." in k for k in adapter), "layers[-1:]: the last layer's linear layers only"
+
+
+def test_a_zero_2_adapter_checkpoint_consolidates_to_the_stages_merged_handoff(one_rank: Path, tmp_path: Path):
+    """What a resume at another ZeRO stage starts from (harness/jobs/reshard.py): the tag's base and
+    adapter merged, read from a ZeRO-2 checkpoint whose frozen base sits in its model states."""
+    from harness.jobs.reshard import consolidate
+    from harness.plan import ModelSpec
+    from harness.records import Adapter
+
+    stage = json.loads((one_rank / "phases" / "02-z2" / "stage.json").read_text())["stage"]
+    (tag,) = [p for p in (one_rank / "phases" / "02-z2" / "checkpoints").glob("step*") if p.is_dir()]
+    consolidate(tag, tmp_path, ModelSpec.model_validate(stage["model"]), Adapter.model_validate(stage["trainable"]["adapter"]))
+    merged, handoff = load_file(str(tmp_path / "model.safetensors")), weights(one_rank, "02-z2")
+    assert set(merged) == set(handoff)
+    assert all(torch.allclose(merged[n], handoff[n], rtol=0, atol=1e-6) for n in handoff)

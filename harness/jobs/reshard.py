@@ -47,7 +47,8 @@ def rank_model_states(tag: Path) -> list[dict]:
     """Each rank's model states under ZeRO-3; the one file the ranks share under ZeRO-1/2."""
     files = sorted(tag.glob("zero_pp_rank_*_model_states.pt"), key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name)[1]))
     files = files or sorted(tag.glob("mp_rank_*_model_states.pt"))[:1]
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    # Memory-mapped: only the shapes and the frozen fragments are read, not a ZeRO-1/2 file's module.
+    return [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
 
 
 def frozen_weights(states: list[dict]) -> dict[str, torch.Tensor]:
@@ -70,13 +71,13 @@ def consolidate(tag: Path, out: Path, model: ModelSpec, adapter: Adapter | None)
         to_universal(tag, universal)
         files = {p.name: p / "fp32.pt" for p in (universal / "zero").iterdir() if p.is_dir()}
         states = rank_model_states(tag)
+        # The saved shapes, trained and frozen: ZeRO-3's universal tensors are flat.
+        shapes = {name: tuple(shape) for group in states[0]["param_shapes"] for name, shape in group.items()}
+        shapes.update({name: tuple(shape) for name, shape in (states[0].get("frozen_param_shapes") or {}).items()})
         frozen = {name: weight for name, weight in frozen_weights(states).items() if name not in files}
-        # The saved shapes: ZeRO-3's universal tensors are flat.
-        saved = {name: tuple(shape) for group in states[0]["param_shapes"] for name, shape in group.items()}
-        saved.update({name: tuple(weight.shape) for name, weight in frozen.items()})
         del states
-        shapes = dict(saved)
-        weights = ((name, frozen[name] if name in frozen else _universal_tensor(files[name]).view(saved[name])) for name in sorted(saved))
+        saved = shapes  # the adapter's merge below rebinds `shapes`; the generator reads these
+        weights = ((name, _universal_tensor(files[name]).view(saved[name]) if name in files else frozen[name]) for name in sorted(saved))
     else:  # fp32 ZeRO-0: every rank saved the whole module, so it fits like one rank's copy
         module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         shapes = {name: tuple(w.shape) for name, w in module.items()}
